@@ -1,0 +1,30 @@
+"""writewatchd: page-exact write tracking of Linux processes, and the daemon that streams it."""
+
+from ._exceptions import (
+    AccessDenied,
+    FeatureUnavailable,
+    InjectionRefused,
+    InvalidRange,
+    KernelError,
+    NotRegistered,
+    ProcessGone,
+    RangeBusy,
+    UsageError,
+    WriteWatchError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccessDenied",
+    "FeatureUnavailable",
+    "InjectionRefused",
+    "InvalidRange",
+    "KernelError",
+    "NotRegistered",
+    "ProcessGone",
+    "RangeBusy",
+    "UsageError",
+    "WriteWatchError",
+    "__version__",
+]

@@ -1,0 +1,79 @@
+"""The exception vocabulary of writewatchd.
+
+Every error the package raises on purpose is one of these::
+
+    WriteWatchError                     base of everything below
+    ├── UsageError (ValueError)         the caller passed arguments that can never work
+    │   └── InvalidRange                an address range is unaligned, empty, or outside what is allowed
+    └── KernelError (OSError)           a kernel interface refused; carries ``errno``
+        ├── FeatureUnavailable          this kernel lacks an interface, flag or category
+        ├── NotRegistered               memory in the range is not registered for async write-protect
+        ├── RangeBusy                   another userfaultfd already tracks the range
+        ├── ProcessGone                 the target process no longer exists
+        ├── AccessDenied                the caller may not inspect or control the target
+        └── InjectionRefused            injection was refused before the target was touched
+
+errno is turned into these at one boundary, :func:`writewatchd.kernel._libc.raise_errno`,
+so no other module inspects errno numbers.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AccessDenied",
+    "FeatureUnavailable",
+    "InjectionRefused",
+    "InvalidRange",
+    "KernelError",
+    "NotRegistered",
+    "ProcessGone",
+    "RangeBusy",
+    "UsageError",
+    "WriteWatchError",
+]
+
+
+class WriteWatchError(Exception):
+    """Base class of every error writewatchd raises on purpose."""
+
+
+class UsageError(WriteWatchError, ValueError):
+    """The caller passed arguments that can never work."""
+
+
+class InvalidRange(UsageError):
+    """An address range is unaligned, empty, or outside what is allowed."""
+
+
+class KernelError(WriteWatchError, OSError):
+    """A kernel interface refused the request; ``errno`` says how."""
+
+    def __init__(self, errno: int, message: str) -> None:
+        super().__init__(errno, message)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class FeatureUnavailable(KernelError):
+    """This kernel lacks the interface, flag or category that was asked for."""
+
+
+class NotRegistered(KernelError):
+    """Memory in the range is not registered for async write-protect (userfaultfd WP_ASYNC)."""
+
+
+class RangeBusy(KernelError):
+    """Another userfaultfd context already tracks memory in the range."""
+
+
+class ProcessGone(KernelError):
+    """The target process has exited (or its pid now names another process)."""
+
+
+class AccessDenied(KernelError):
+    """The caller lacks the permission to inspect or control the target."""
+
+
+class InjectionRefused(KernelError):
+    """Injection into the target was refused before anything in the target changed."""

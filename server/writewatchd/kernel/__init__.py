@@ -1,0 +1,42 @@
+"""Thin ctypes bindings to the kernel interfaces writewatch stands on.
+
+Nothing here knows about sessions or transports; errno becomes a domain exception
+(:mod:`writewatchd._exceptions`) at one boundary, ``_libc.raise_errno``.
+"""
+
+from .pagemap import (
+    ALL_CATEGORIES,
+    PAGE_SIZE,
+    Category,
+    PagemapScanner,
+    RawScan,
+    ScanFlag,
+    ScanResult,
+)
+from .pidfd import pidfd_getfd, pidfd_open
+from .procfs import Mapping, MappingPerm, ProcessIdentity, ProcessStatus, read_maps, read_status, thread_ids
+from .uffd import TRACKING_FEATURES, RegisterMode, UffdFeature, Userfaultfd, is_userfaultfd
+
+__all__ = [
+    "ALL_CATEGORIES",
+    "PAGE_SIZE",
+    "TRACKING_FEATURES",
+    "Category",
+    "Mapping",
+    "MappingPerm",
+    "PagemapScanner",
+    "ProcessIdentity",
+    "ProcessStatus",
+    "RawScan",
+    "RegisterMode",
+    "ScanFlag",
+    "ScanResult",
+    "UffdFeature",
+    "Userfaultfd",
+    "is_userfaultfd",
+    "pidfd_getfd",
+    "pidfd_open",
+    "read_maps",
+    "read_status",
+    "thread_ids",
+]

@@ -1,0 +1,90 @@
+"""libc access through ctypes, and the one place where errno becomes an exception.
+
+Foreign calls go through :data:`libc` (a ``CDLL``), so every call releases the GIL: a
+thread pool running scans keeps an event loop responsive.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import platform
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+from .._exceptions import (
+    AccessDenied,
+    FeatureUnavailable,
+    KernelError,
+    ProcessGone,
+    RangeBusy,
+)
+
+__all__ = ["SYS", "ioctl", "libc", "raise_errno", "syscall"]
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+_ioctl = libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+_SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
+    "x86_64": {
+        "userfaultfd": 323,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+    },
+    "aarch64": {
+        "userfaultfd": 282,
+        "pidfd_open": 434,
+        "pidfd_getfd": 438,
+        "process_madvise": 440,
+    },
+}
+SYS: Mapping[str, int] = _SYSCALL_NUMBERS.get(platform.machine(), _SYSCALL_NUMBERS["x86_64"])
+
+_DEFAULT_CLASSES: Mapping[int, type[KernelError]] = {
+    _errno.ESRCH: ProcessGone,
+    _errno.ENOENT: ProcessGone,
+    _errno.EACCES: AccessDenied,
+    _errno.EPERM: AccessDenied,
+    _errno.ENOTTY: FeatureUnavailable,
+    _errno.ENOSYS: FeatureUnavailable,
+    _errno.EBUSY: RangeBusy,
+}
+
+
+def raise_errno(
+    err: int,
+    what: str,
+    *,
+    classes: Mapping[int, type[KernelError]] | None = None,
+    hint: str = "",
+) -> NoReturn:
+    """Raise the domain exception for ``err``; ``classes`` overrides the defaults per call."""
+    cls = (classes or {}).get(err) or _DEFAULT_CLASSES.get(err, KernelError)
+    message = f"{what}: {os.strerror(err)}"
+    if hint:
+        message = f"{message} ({hint})"
+    raise cls(err, message)
+
+
+def ioctl(fd: int, request: int, arg: Any) -> int:
+    """ioctl(2); returns the result, or -errno (never raises)."""
+    result = _ioctl(fd, request, arg)
+    if result < 0:
+        return -ctypes.get_errno()
+    return int(result)
+
+
+def syscall(number: int, *args: int) -> int:
+    """syscall(2) with integer arguments; returns the result, or -errno (never raises)."""
+    result = _syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args))
+    if result < 0:
+        return -ctypes.get_errno()
+    return int(result)
