@@ -67,6 +67,7 @@ class RegionSet:
     """A mutable set of pages; the array is always sorted and merged."""
 
     __slots__ = ("_regions",)
+    __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __init__(self, regions: RegionArray | Iterable[tuple[int, int]] = EMPTY) -> None:
         self._regions = merge(as_regions(regions))

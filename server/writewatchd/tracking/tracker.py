@@ -1,0 +1,254 @@
+"""One :class:`Tracker` per target process: its userfaultfd, its tracked ranges, its harvest.
+
+The tracker never loses a write: a range whose registration vanished (munmap, mremap, a
+closed fd) or whose scan failed is reported as entirely written, and a newly registered
+range starts as entirely written, because no consumer has seen its content.
+
+Synchronous and blocking by design (each call is a few ioctls); the daemon runs it in a
+thread pool. A lock serialises calls, so a tick harvest and an on-demand one never interleave.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .._exceptions import FeatureUnavailable, InvalidRange, KernelError, NotRegistered, ProcessGone, UsageError
+from ..kernel import (
+    PAGE_SIZE,
+    PagemapScanner,
+    ProcessIdentity,
+    ScanResult,
+    UffdFeature,
+    Userfaultfd,
+    read_maps,
+)
+from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge
+
+__all__ = ["HarvestStatistics", "Tracker", "auto_ranges"]
+
+
+def auto_ranges(pid: int) -> RegionArray:
+    """Every private writable mapping of ``pid``: what ``auto`` tracking covers."""
+    rows = [(m.start, m.end) for m in read_maps(pid) if m.is_private_writable and not m.is_special]
+    return merge(as_regions(rows))
+
+
+@dataclass(slots=True)
+class HarvestStatistics:
+    """Counters of a tracker since it was created."""
+
+    n_harvests: int = 0
+    last_harvest_ns: int = 0
+    total_harvest_ns: int = 0
+    n_regions: int = 0
+    n_pages: int = 0
+    n_registrations_failed: int = 0
+    n_ranges_lost: int = 0
+    last_errors: list[str] = field(default_factory=list)
+
+
+def _check_ranges(ranges: RegionArray) -> None:
+    if len(ranges) == 0:
+        return
+    if np.any(ranges % np.uint64(PAGE_SIZE)):
+        raise InvalidRange("every range must start and end on a page boundary")
+    if np.any(ranges[:, 1] <= ranges[:, 0]):
+        raise InvalidRange("every range must have end > start")
+    ordered = ranges[np.argsort(ranges[:, 0])]
+    if np.any(ordered[1:, 0] < ordered[:-1, 1]):
+        raise InvalidRange("ranges overlap")
+
+
+class Tracker:
+    """Write tracking of one process through a userfaultfd created by that process."""
+
+    def __init__(
+        self,
+        identity: ProcessIdentity,
+        uffd: Userfaultfd,
+        *,
+        ranges: Iterable[tuple[int, int]] | RegionArray = (),
+        auto: bool = False,
+        capacity_regions: int = 1 << 16,
+    ) -> None:
+        explicit = as_regions(ranges)
+        _check_ranges(explicit)
+        if not auto and len(explicit) == 0:
+            raise UsageError("give explicit ranges or auto=True")
+        self.identity = identity
+        self.auto = auto
+        self.statistics = HarvestStatistics()
+        self._uffd = uffd
+        self._lock = threading.Lock()
+        self._explicit = RegionSet(explicit)
+        self._registered = RegionSet()
+        self._pending_written = RegionSet()
+        self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
+        try:
+            features = uffd.api()
+            if UffdFeature.WP_ASYNC not in features:
+                raise FeatureUnavailable(0, "the userfaultfd lacks WP_ASYNC")
+            for start, end in self._explicit.regions.tolist():
+                uffd.register(start, end - start)
+                uffd.write_protect(start, end - start)
+                self._registered.add(as_regions([(start, end)]))
+            self._pending_written.add(self._registered.regions)
+            if auto:
+                self._refresh_auto()
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int:
+        """The target's pid."""
+        return self.identity.pid
+
+    @property
+    def tracked(self) -> RegionArray:
+        """The ranges tracked right now, sorted and merged."""
+        return self._registered.regions
+
+    def add_ranges(self, ranges: Iterable[tuple[int, int]] | RegionArray) -> None:
+        """Track more explicit ranges; they are reported as written by the next harvest."""
+        new = as_regions(ranges)
+        _check_ranges(new)
+        with self._lock:
+            overlap = self._explicit.intersection(new)
+            if len(overlap):
+                raise InvalidRange(f"range 0x{int(overlap[0, 0]):x} is already tracked")
+            for start, end in merge(new).tolist():
+                self._register(start, end)
+            self._explicit.add(new)
+
+    def remove_ranges(self, ranges: Iterable[tuple[int, int]] | RegionArray) -> None:
+        """Stop tracking explicit ranges (each must be tracked)."""
+        gone = merge(as_regions(ranges))
+        _check_ranges(gone)
+        with self._lock:
+            if RegionSet(self._explicit.intersection(gone)) != RegionSet(gone):
+                raise InvalidRange("only tracked ranges can be removed")
+            self._explicit.discard(gone)
+            for start, end in gone.tolist():
+                self._unregister(start, end)
+
+    def harvest(self) -> RegionArray:
+        """The pages written since the last harvest, re-protected; sorted, merged ``(n, 2)``.
+
+        Raises :class:`ProcessGone` once the target has exited.
+        """
+        with self._lock:
+            started_ns = time.perf_counter_ns()
+            if self.auto:
+                self._refresh_auto()
+            chunks = [self._pending_written.regions]
+            self._pending_written.clear()
+            for start, end in self._registered.regions.tolist():
+                chunks.append(self._harvest_range(start, end))
+            regions = merge(np.concatenate(chunks)) if len(chunks) > 1 else merge(chunks[0])
+            elapsed_ns = time.perf_counter_ns() - started_ns
+            stats = self.statistics
+            stats.n_harvests += 1
+            stats.last_harvest_ns = elapsed_ns
+            stats.total_harvest_ns += elapsed_ns
+            stats.n_regions += len(regions)
+            stats.n_pages += int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE
+            return regions
+
+    def scan(self, start: int, end: int, **masks: int) -> ScanResult:
+        """A read-only PAGEMAP_SCAN of the target with any masks (no write-protect)."""
+        if masks.get("flags"):
+            raise UsageError("a read-only scan takes no flags")
+        with self._lock:
+            return self._scanner.scan(start, end, **masks)
+
+    def close(self) -> None:
+        """Release the userfaultfd and the pagemap fd (the kernel unregisters everything)."""
+        with self._lock:
+            self._uffd.close()
+            self._scanner.close()
+            self._registered.clear()
+
+    def _harvest_range(self, start: int, end: int) -> RegionArray:
+        try:
+            return self._scanner.harvest(start, end)
+        except NotRegistered:
+            # munmap/mremap/fd reuse dropped part of the registration, and the failed walk
+            # may have re-protected pages it could not report: the whole range is written.
+            self.statistics.n_ranges_lost += 1
+            self._reregister(start, end)
+            return as_regions([(start, end)])
+        except ProcessGone:
+            raise
+        except KernelError as exc:
+            self._note(f"harvest [0x{start:x}, 0x{end:x}): {exc}")
+            return as_regions([(start, end)])
+
+    def _refresh_auto(self) -> None:
+        wanted = RegionSet(auto_ranges(self.pid))
+        wanted.add(self._explicit.regions)
+        current = self._registered
+        for start, end in RegionSet(_minus(current.regions, wanted.regions)).regions.tolist():
+            self._unregister(start, end)
+        for start, end in _minus(wanted.regions, current.regions).tolist():
+            self._register(start, end)
+
+    def _register(self, start: int, end: int) -> None:
+        try:
+            self._uffd.register(start, end - start)
+            self._uffd.write_protect(start, end - start)
+        except ProcessGone:
+            raise
+        except KernelError as exc:
+            self.statistics.n_registrations_failed += 1
+            self._note(f"register [0x{start:x}, 0x{end:x}): {exc}")
+            if not self.auto:
+                raise
+            return
+        span = as_regions([(start, end)])
+        self._registered.add(span)
+        self._pending_written.add(span)
+
+    def _unregister(self, start: int, end: int) -> None:
+        span = as_regions([(start, end)])
+        self._registered.discard(span)
+        self._pending_written.discard(span)
+        try:
+            self._uffd.unregister(start, end - start)
+        except ProcessGone:
+            raise
+        except KernelError:
+            pass  # already unmapped: the kernel dropped the registration with the mapping
+
+    def _reregister(self, start: int, end: int) -> None:
+        span = as_regions([(start, end)])
+        self._registered.discard(span)
+        mapped = RegionSet(
+            as_regions([(m.start, m.end) for m in read_maps(self.pid) if m.start < end and start < m.end])
+        ).clip(start, end)
+        for m_start, m_end in mapped.tolist():
+            try:
+                self._uffd.register(m_start, m_end - m_start)
+                self._uffd.write_protect(m_start, m_end - m_start)
+            except ProcessGone:
+                raise
+            except KernelError as exc:
+                self._note(f"re-register [0x{m_start:x}, 0x{m_end:x}): {exc}")
+                continue
+            self._registered.add(as_regions([(m_start, m_end)]))
+
+    def _note(self, message: str) -> None:
+        errors = self.statistics.last_errors
+        errors.append(message)
+        del errors[:-8]
+
+
+def _minus(a: RegionArray, b: RegionArray) -> RegionArray:
+    result = RegionSet(a)
+    result.discard(b)
+    return result.regions if len(result) else EMPTY
