@@ -27,7 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/run.py
 
 proto: $(STAMP)
-	$(PY) -m writewatchd.tools.genproto
+	$(PY) proto/generate.py
 
 clean:
 	rm -rf $(VENV) tests/fixtures/bin bench/bin
