@@ -19,6 +19,8 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag, UffdFeature, Userfaultfd
+from writewatchd.kernel._libc import ioctl
+from writewatchd.kernel.pagemap import PAGEMAP_SCAN, PmScanArg
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -408,3 +410,11 @@ def track(uffd: Userfaultfd, scanner: PagemapScanner) -> Callable[..., Tracked]:
         return tracked
 
     return _track
+
+
+def raw_pagemap_scan(fd: int, **fields: int) -> tuple[int, PmScanArg]:
+    """One PAGEMAP_SCAN with every struct field under the test's control; returns (result or -errno, arg)."""
+    arg = PmScanArg(size=ctypes.sizeof(PmScanArg))
+    for name, value in fields.items():
+        setattr(arg, name, value)
+    return ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg)), arg

@@ -128,7 +128,7 @@ def _check_range(start: int, end: int) -> None:
 
 def _check_categories(**masks: int) -> None:
     for name, mask in masks.items():
-        unknown = mask & ~ALL_CATEGORIES
+        unknown = mask & ~int(ALL_CATEGORIES)
         if unknown:
             raise UsageError(f"{name} has bits 0x{unknown:x} that are not PAGE_IS_* categories")
 
@@ -308,7 +308,7 @@ class PagemapScanner:
                 unknown_masks |= mask
             if start % PAGE_SIZE:
                 raise InvalidRange(f"{what}: start is not page aligned")
-            if flags & ~(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC):
+            if int(flags) & ~int(ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC):
                 raise UsageError(f"{what}: unknown flag bits 0x{int(flags) & ~3:x}")
             raise FeatureUnavailable(
                 err, f"{what}: this kernel rejects the category bits 0x{unknown_masks:x} or the argument struct"
