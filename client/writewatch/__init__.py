@@ -1,5 +1,79 @@
-"""writewatch: client library and CLI for writewatchd."""
+"""writewatch: client library and CLI for writewatchd.
+
+>>> import writewatch
+>>> with writewatch.Client() as client:  # doctest: +SKIP
+...     session = client.spawn(["./prog"], ranges="auto")
+...     for delta in session.subscribe():
+...         print(delta.seq, delta.regions)
+"""
+
+from ._address import default_address
+from ._async_client import AsyncClient, AsyncSession, AsyncView
+from ._client import Client, Session, View
+from ._exceptions import (
+    Aborted,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ProtocolError,
+    ResourceExhausted,
+    RpcError,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    Unknown,
+    WriteWatchError,
+)
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
+from ._types import AttachMode, Delta, EndReason, PageCategory, RetryPolicy, ScanResult, WriteWatchResult
+from .regions import decode_regions, encode_regions, split_regions
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "AsyncClient",
+    "AsyncSession",
+    "AsyncView",
+    "AttachMode",
+    "Cancelled",
+    "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "Delta",
+    "EndReason",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PageCategory",
+    "PermissionDenied",
+    "ProtocolError",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "RpcError",
+    "ScanResult",
+    "Session",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "View",
+    "WriteWatchError",
+    "WriteWatchResult",
+    "__version__",
+    "decode_regions",
+    "default_address",
+    "encode_regions",
+    "pb",
+    "split_regions",
+]

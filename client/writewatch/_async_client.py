@@ -1,0 +1,316 @@
+"""asyncio client: AsyncClient, AsyncSession, AsyncView (the same API as the blocking one, awaited)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+from grpc import aio
+
+from ._client import already_seen, auth_metadata, resolve_address, should_retry
+from ._exceptions import NotFound, from_grpc_error
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
+from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchAsyncStub, WriteWatchStub
+from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
+from ._wire import (
+    CHANNEL_OPTIONS,
+    FragmentAssembler,
+    RangesArg,
+    create_request,
+    delta_from_pb,
+    scan_result,
+    subscribe_request,
+    to_ranges,
+    write_watch_result,
+)
+
+__all__ = ["AsyncClient", "AsyncSession", "AsyncView"]
+
+_Request = TypeVar("_Request", bound=Message)
+_Response = TypeVar("_Response", bound=Message)
+
+
+class AsyncClient:
+    """asyncio client of writewatchd; see :class:`writewatch.Client` for the arguments."""
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout_s: float | None = 30.0,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.address = resolve_address(address)
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self._metadata = auth_metadata(token)
+        self._channel = (
+            aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        )
+        self._stub: WriteWatchAsyncStub = WriteWatchStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; sessions keep running in the daemon."""
+        await self._channel.close(grace=None)
+
+    async def _call(self, method: aio.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
+        try:
+            return await method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
+    async def attach(
+        self,
+        pid: int,
+        ranges: RangesArg = "auto",
+        *,
+        uffd_fd: int | None = None,
+        tick_interval_ms: int = 0,
+        labels: Mapping[str, str] | None = None,
+    ) -> AsyncSession:
+        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection."""
+        mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
+        request = create_request(
+            pid=pid,
+            attach_mode=mode,
+            ranges=ranges,
+            uffd_fd=uffd_fd,
+            tick_interval_ms=tick_interval_ms,
+            labels=labels,
+        )
+        return AsyncSession(self, await self._call(self._stub.CreateSession, request))
+
+    async def spawn(
+        self,
+        argv: Sequence[str],
+        ranges: RangesArg = "auto",
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tick_interval_ms: int = 0,
+        labels: Mapping[str, str] | None = None,
+    ) -> AsyncSession:
+        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's)."""
+        if not argv:
+            raise ValueError("argv must name a program")
+        request = create_request(
+            pid=0,
+            attach_mode=AttachMode.SPAWN,
+            ranges=ranges,
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            tick_interval_ms=tick_interval_ms,
+            labels=labels,
+        )
+        return AsyncSession(self, await self._call(self._stub.CreateSession, request))
+
+    async def session(self, session_id: str) -> AsyncSession:
+        """The session with this id (NotFound if there is none)."""
+        snapshot = await self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id))
+        return AsyncSession(self, snapshot)
+
+    async def sessions(self) -> list[AsyncSession]:
+        """Every session of the daemon, oldest first."""
+        sessions: list[AsyncSession] = []
+        page_token = ""
+        while True:
+            response = await self._call(self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token))
+            sessions.extend(AsyncSession(self, snapshot) for snapshot in response.sessions)
+            page_token = response.next_page_token
+            if not page_token:
+                return sessions
+
+    async def capabilities(self) -> pb.Capabilities:
+        """The daemon's kernel probe and version."""
+        return await self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest())
+
+
+class AsyncSession:
+    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`)."""
+
+    def __init__(self, client: AsyncClient, snapshot: pb.Session) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.end_reason: EndReason | None = None
+        """Why the last subscription ended (set when its iterator finishes), else None."""
+        self.end_message = ""
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return self.snapshot.session_id
+
+    def __repr__(self) -> str:
+        return f"AsyncSession(id={self.id!r}, pid={self.snapshot.pid})"
+
+    async def __aenter__(self) -> AsyncSession:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def info(self) -> pb.Session:
+        """Fetch and return a fresh snapshot."""
+        request = pb.GetSessionRequest(session_id=self.id)
+        self.snapshot = await self.client._call(self.client._stub.GetSession, request)
+        return self.snapshot
+
+    async def close(self) -> None:
+        """Stop tracking (DeleteSession); closing an already deleted session is not an error."""
+        try:
+            await self.client._call(self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id))
+        except NotFound:
+            return
+
+    async def add_ranges(self, ranges: Iterable[tuple[int, int]]) -> pb.Session:
+        """Track more ``[start, end)`` ranges; returns the new snapshot."""
+        request = pb.AddRangesRequest(session_id=self.id, ranges=to_ranges(ranges))
+        self.snapshot = await self.client._call(self.client._stub.AddRanges, request)
+        return self.snapshot
+
+    async def remove_ranges(self, ranges: Iterable[tuple[int, int]]) -> pb.Session:
+        """Stop tracking ``[start, end)`` ranges; returns the new snapshot."""
+        request = pb.RemoveRangesRequest(session_id=self.id, ranges=to_ranges(ranges))
+        self.snapshot = await self.client._call(self.client._stub.RemoveRanges, request)
+        return self.snapshot
+
+    async def harvest(self) -> Delta | None:
+        """Harvest now; the resulting delta, or None when nothing was written."""
+        response = await self.client._call(self.client._stub.Harvest, pb.HarvestRequest(session_id=self.id))
+        return delta_from_pb(response.delta) if response.HasField("delta") else None
+
+    async def scan(
+        self,
+        start_address: int,
+        end_address: int,
+        *,
+        category_mask: int = 0,
+        category_anyof_mask: int = 0,
+        category_inverted: int = 0,
+        return_mask: int = 0,
+        max_pages: int = 0,
+    ) -> ScanResult:
+        """Read-only PAGEMAP_SCAN of ``[start_address, end_address)`` with these ``PageCategory`` masks."""
+        request = pb.ScanRequest(
+            session_id=self.id,
+            start_address=start_address,
+            end_address=end_address,
+            category_mask=category_mask,
+            category_anyof_mask=category_anyof_mask,
+            category_inverted=category_inverted,
+            return_mask=return_mask,
+            max_pages=max_pages,
+        )
+        return scan_result(await self.client._call(self.client._stub.Scan, request))
+
+    async def dirty_rate(self) -> pb.DirtyRate:
+        """Recent write rate."""
+        request = pb.GetDirtyRateRequest(session_id=self.id)
+        return await self.client._call(self.client._stub.GetDirtyRate, request)
+
+    def view(self, name: str) -> AsyncView:
+        """The write-watch view called ``name`` (created by the daemon on first use)."""
+        return AsyncView(self, name)
+
+    async def subscribe(
+        self,
+        resume: tuple[int, int] | None = None,
+        *,
+        filter_ranges: Iterable[tuple[int, int]] | None = None,
+        reconnect: bool = True,
+    ) -> AsyncIterator[Delta]:
+        """Yield every delta until the session ends, then set ``end_reason``.
+
+        ``resume=(epoch, seq)`` starts after that delta. With ``reconnect`` an UNAVAILABLE
+        stream is reopened (``client.retry``) from the last delta yielded, so no seq is
+        skipped or repeated.
+        """
+        filters = list(filter_ranges or ())
+        cursor = resume
+        # If the first stream breaks before its first delta, resume from the state at the start.
+        fallback = await self._position() if resume is None and reconnect else None
+        resume_point = cursor
+        assembler = FragmentAssembler()
+        failures = 0
+        while True:
+            call = self.client._stub.Subscribe(
+                subscribe_request(self.id, resume_point, filters), metadata=self.client._metadata
+            )
+            try:
+                async for response in call:
+                    failures = 0
+                    if response.HasField("session_ended"):
+                        self.end_reason = EndReason(response.session_ended.reason)
+                        self.end_message = response.session_ended.message
+                        return
+                    delta = assembler.add(response.delta)
+                    if delta is None or already_seen(delta, cursor):
+                        continue
+                    cursor = (delta.epoch, delta.seq)
+                    yield delta
+                return
+            except grpc.RpcError as error:
+                failures += 1
+                if not should_retry(error, reconnect, failures, self.client.retry):
+                    raise from_grpc_error(error) from None
+                assembler.reset()
+                resume_point = cursor or fallback
+                await asyncio.sleep(self.client.retry.backoff_s(failures))
+            finally:
+                call.cancel()
+
+    async def _position(self) -> tuple[int, int]:
+        snapshot = await self.info()
+        return (snapshot.epoch, snapshot.last_seq)
+
+
+class AsyncView:
+    """A named write-watch view of a session with Win32 GetWriteWatch/ResetWriteWatch semantics."""
+
+    def __init__(self, session: AsyncSession, name: str) -> None:
+        self.session = session
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"AsyncView(session={self.session.id!r}, name={self.name!r})"
+
+    async def get_write_watch(
+        self, base_address: int, size_bytes: int, *, max_count: int = 0, reset: bool = False
+    ) -> WriteWatchResult:
+        """Written pages of ``[base_address, base_address + size_bytes)`` in ascending order.
+
+        At most ``max_count`` addresses (0: all); with ``reset`` the returned pages are cleared
+        in this view only.
+        """
+        request = pb.GetWriteWatchRequest(
+            session_id=self.session.id,
+            view_id=self.name,
+            base_address=base_address,
+            size_bytes=size_bytes,
+            flags=pb.WRITE_WATCH_FLAG_RESET if reset else 0,
+            max_count=max_count,
+        )
+        client = self.session.client
+        return write_watch_result(await client._call(client._stub.GetWriteWatch, request))
+
+    async def reset_write_watch(self, base_address: int, size_bytes: int) -> None:
+        """Clear the written state of ``[base_address, base_address + size_bytes)`` in this view."""
+        request = pb.ResetWriteWatchRequest(
+            session_id=self.session.id, view_id=self.name, base_address=base_address, size_bytes=size_bytes
+        )
+        client = self.session.client
+        await client._call(client._stub.ResetWriteWatch, request)

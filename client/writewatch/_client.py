@@ -1,0 +1,341 @@
+"""Blocking client: Client, Session, View."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
+
+import grpc
+from google.protobuf.message import Message
+
+from ._address import default_address, normalize_address
+from ._exceptions import NotFound, from_grpc_error
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
+from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
+from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
+from ._wire import (
+    CHANNEL_OPTIONS,
+    FragmentAssembler,
+    RangesArg,
+    create_request,
+    delta_from_pb,
+    scan_result,
+    subscribe_request,
+    to_ranges,
+    write_watch_result,
+)
+
+__all__ = ["Client", "Session", "View", "already_seen", "auth_metadata", "resolve_address", "should_retry"]
+
+_Request = TypeVar("_Request", bound=Message)
+_Response = TypeVar("_Response", bound=Message)
+
+
+def resolve_address(address: str | None) -> str:
+    """The gRPC target: address, else $WRITEWATCH_ADDRESS, else default_address()."""
+    return normalize_address(address or os.environ.get("WRITEWATCH_ADDRESS") or default_address())
+
+
+def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    """Call metadata carrying a bearer token, if any."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class Client:
+    """Blocking client of writewatchd.
+
+    ``address`` is a gRPC target (``unix:/path``, a bare socket path, ``host:port``); by
+    default $WRITEWATCH_ADDRESS, else :func:`writewatch.default_address`. Unary calls time out
+    after ``timeout_s``; streams never do.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        *,
+        timeout_s: float | None = 30.0,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.address = resolve_address(address)
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self.token = token
+        self.credentials = credentials
+        self._metadata = auth_metadata(token)
+        self._channel = (
+            grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
+            if credentials
+            else grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        )
+        self._stub = WriteWatchStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; sessions keep running in the daemon."""
+        self._channel.close()
+
+    def _call(self, method: grpc.UnaryUnaryMultiCallable[_Request, _Response], request: _Request) -> _Response:
+        try:
+            return method(request, timeout=self.timeout_s, metadata=self._metadata)
+        except grpc.RpcError as error:
+            raise from_grpc_error(error) from None
+
+    def attach(
+        self,
+        pid: int,
+        ranges: RangesArg = "auto",
+        *,
+        uffd_fd: int | None = None,
+        tick_interval_ms: int = 0,
+        labels: Mapping[str, str] | None = None,
+    ) -> Session:
+        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection."""
+        mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
+        request = create_request(
+            pid=pid,
+            attach_mode=mode,
+            ranges=ranges,
+            uffd_fd=uffd_fd,
+            tick_interval_ms=tick_interval_ms,
+            labels=labels,
+        )
+        return Session(self, self._call(self._stub.CreateSession, request))
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        ranges: RangesArg = "auto",
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: str | None = None,
+        tick_interval_ms: int = 0,
+        labels: Mapping[str, str] | None = None,
+    ) -> Session:
+        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's)."""
+        if not argv:
+            raise ValueError("argv must name a program")
+        request = create_request(
+            pid=0,
+            attach_mode=AttachMode.SPAWN,
+            ranges=ranges,
+            argv=argv,
+            env=env,
+            cwd=cwd,
+            tick_interval_ms=tick_interval_ms,
+            labels=labels,
+        )
+        return Session(self, self._call(self._stub.CreateSession, request))
+
+    def session(self, session_id: str) -> Session:
+        """The session with this id (NotFound if there is none)."""
+        return Session(self, self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
+
+    def sessions(self) -> list[Session]:
+        """Every session of the daemon, oldest first."""
+        sessions: list[Session] = []
+        page_token = ""
+        while True:
+            response = self._call(self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token))
+            sessions.extend(Session(self, snapshot) for snapshot in response.sessions)
+            page_token = response.next_page_token
+            if not page_token:
+                return sessions
+
+    def capabilities(self) -> pb.Capabilities:
+        """The daemon's kernel probe and version."""
+        return self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest())
+
+
+class Session:
+    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`)."""
+
+    def __init__(self, client: Client, snapshot: pb.Session) -> None:
+        self.client = client
+        self.snapshot = snapshot
+        self.end_reason: EndReason | None = None
+        """Why the last subscription ended (set when its iterator finishes), else None."""
+        self.end_message = ""
+
+    @property
+    def id(self) -> str:
+        """The session id."""
+        return self.snapshot.session_id
+
+    def __repr__(self) -> str:
+        return f"Session(id={self.id!r}, pid={self.snapshot.pid})"
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def info(self) -> pb.Session:
+        """Fetch and return a fresh snapshot."""
+        self.snapshot = self.client._call(self.client._stub.GetSession, pb.GetSessionRequest(session_id=self.id))
+        return self.snapshot
+
+    def close(self) -> None:
+        """Stop tracking (DeleteSession); closing an already deleted session is not an error."""
+        try:
+            self.client._call(self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id))
+        except NotFound:
+            return
+
+    def add_ranges(self, ranges: Iterable[tuple[int, int]]) -> pb.Session:
+        """Track more ``[start, end)`` ranges; returns the new snapshot."""
+        request = pb.AddRangesRequest(session_id=self.id, ranges=to_ranges(ranges))
+        self.snapshot = self.client._call(self.client._stub.AddRanges, request)
+        return self.snapshot
+
+    def remove_ranges(self, ranges: Iterable[tuple[int, int]]) -> pb.Session:
+        """Stop tracking ``[start, end)`` ranges; returns the new snapshot."""
+        request = pb.RemoveRangesRequest(session_id=self.id, ranges=to_ranges(ranges))
+        self.snapshot = self.client._call(self.client._stub.RemoveRanges, request)
+        return self.snapshot
+
+    def harvest(self) -> Delta | None:
+        """Harvest now; the resulting delta, or None when nothing was written."""
+        response = self.client._call(self.client._stub.Harvest, pb.HarvestRequest(session_id=self.id))
+        return delta_from_pb(response.delta) if response.HasField("delta") else None
+
+    def scan(
+        self,
+        start_address: int,
+        end_address: int,
+        *,
+        category_mask: int = 0,
+        category_anyof_mask: int = 0,
+        category_inverted: int = 0,
+        return_mask: int = 0,
+        max_pages: int = 0,
+    ) -> ScanResult:
+        """Read-only PAGEMAP_SCAN of ``[start_address, end_address)`` with these ``PageCategory`` masks."""
+        request = pb.ScanRequest(
+            session_id=self.id,
+            start_address=start_address,
+            end_address=end_address,
+            category_mask=category_mask,
+            category_anyof_mask=category_anyof_mask,
+            category_inverted=category_inverted,
+            return_mask=return_mask,
+            max_pages=max_pages,
+        )
+        return scan_result(self.client._call(self.client._stub.Scan, request))
+
+    def dirty_rate(self) -> pb.DirtyRate:
+        """Recent write rate."""
+        return self.client._call(self.client._stub.GetDirtyRate, pb.GetDirtyRateRequest(session_id=self.id))
+
+    def view(self, name: str) -> View:
+        """The write-watch view called ``name`` (created by the daemon on first use)."""
+        return View(self, name)
+
+    def subscribe(
+        self,
+        resume: tuple[int, int] | None = None,
+        *,
+        filter_ranges: Iterable[tuple[int, int]] | None = None,
+        reconnect: bool = True,
+    ) -> Iterator[Delta]:
+        """Yield every delta until the session ends, then set ``end_reason``.
+
+        ``resume=(epoch, seq)`` starts after that delta. With ``reconnect`` an UNAVAILABLE
+        stream is reopened (``client.retry``) from the last delta yielded, so no seq is
+        skipped or repeated.
+        """
+        filters = list(filter_ranges or ())
+        cursor = resume
+        # If the first stream breaks before its first delta, resume from the state at the start.
+        fallback = self._position() if resume is None and reconnect else None
+        resume_point = cursor
+        assembler = FragmentAssembler()
+        failures = 0
+        while True:
+            call = self.client._stub.Subscribe(
+                subscribe_request(self.id, resume_point, filters), metadata=self.client._metadata
+            )
+            try:
+                for response in call:
+                    failures = 0
+                    if response.HasField("session_ended"):
+                        self.end_reason = EndReason(response.session_ended.reason)
+                        self.end_message = response.session_ended.message
+                        return
+                    delta = assembler.add(response.delta)
+                    if delta is None or already_seen(delta, cursor):
+                        continue
+                    cursor = (delta.epoch, delta.seq)
+                    yield delta
+                return
+            except grpc.RpcError as error:
+                failures += 1
+                if not should_retry(error, reconnect, failures, self.client.retry):
+                    raise from_grpc_error(error) from None
+                assembler.reset()
+                resume_point = cursor or fallback
+                time.sleep(self.client.retry.backoff_s(failures))
+            finally:
+                call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
+
+    def _position(self) -> tuple[int, int]:
+        snapshot = self.info()
+        return (snapshot.epoch, snapshot.last_seq)
+
+
+def already_seen(delta: Delta, cursor: tuple[int, int] | None) -> bool:
+    """Whether a delta was already delivered before the stream was resumed at cursor."""
+    return cursor is not None and delta.epoch == cursor[0] and delta.seq <= cursor[1]
+
+
+def should_retry(error: grpc.RpcError, reconnect: bool, failures: int, retry: RetryPolicy) -> bool:
+    """Whether a broken stream is reopened: UNAVAILABLE, reconnect on, attempts left."""
+    code: Callable[[], grpc.StatusCode] | None = getattr(error, "code", None)
+    return reconnect and code is not None and code() == grpc.StatusCode.UNAVAILABLE and failures <= retry.max_attempts
+
+
+class View:
+    """A named write-watch view of a session with Win32 GetWriteWatch/ResetWriteWatch semantics."""
+
+    def __init__(self, session: Session, name: str) -> None:
+        self.session = session
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"View(session={self.session.id!r}, name={self.name!r})"
+
+    def get_write_watch(
+        self, base_address: int, size_bytes: int, *, max_count: int = 0, reset: bool = False
+    ) -> WriteWatchResult:
+        """Written pages of ``[base_address, base_address + size_bytes)`` in ascending order.
+
+        At most ``max_count`` addresses (0: all); with ``reset`` the returned pages are cleared
+        in this view only.
+        """
+        request = pb.GetWriteWatchRequest(
+            session_id=self.session.id,
+            view_id=self.name,
+            base_address=base_address,
+            size_bytes=size_bytes,
+            flags=pb.WRITE_WATCH_FLAG_RESET if reset else 0,
+            max_count=max_count,
+        )
+        client = self.session.client
+        return write_watch_result(client._call(client._stub.GetWriteWatch, request))
+
+    def reset_write_watch(self, base_address: int, size_bytes: int) -> None:
+        """Clear the written state of ``[base_address, base_address + size_bytes)`` in this view."""
+        request = pb.ResetWriteWatchRequest(
+            session_id=self.session.id, view_id=self.name, base_address=base_address, size_bytes=size_bytes
+        )
+        client = self.session.client
+        client._call(client._stub.ResetWriteWatch, request)

@@ -1,0 +1,164 @@
+"""Exceptions of the writewatch client.
+
+WriteWatchError
+ ├── ProtocolError
+ └── RpcError
+      ├── Cancelled
+      ├── Unknown
+      ├── InvalidArgument
+      ├── DeadlineExceeded
+      ├── NotFound
+      ├── AlreadyExists
+      ├── PermissionDenied
+      ├── ResourceExhausted
+      ├── FailedPrecondition
+      ├── Aborted
+      ├── OutOfRange
+      ├── Unimplemented
+      ├── Internal
+      ├── Unavailable
+      ├── DataLoss
+      └── Unauthenticated
+"""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "Cancelled",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ProtocolError",
+    "ResourceExhausted",
+    "RpcError",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "Unknown",
+    "WriteWatchError",
+    "from_grpc_error",
+    "rpc_error",
+]
+
+
+class WriteWatchError(Exception):
+    """Base class of every error raised by the writewatch client."""
+
+
+class ProtocolError(WriteWatchError):
+    """The daemon sent a message that breaks the writewatch protocol."""
+
+
+class RpcError(WriteWatchError):
+    """A call failed with a gRPC status; ``code`` and ``message`` say which and why."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(f"{code.name}: {message}" if message else code.name)
+        self.code = code
+        self.message = message
+
+
+class Cancelled(RpcError):
+    """The call was cancelled."""
+
+
+class Unknown(RpcError):
+    """The daemon failed with an unknown error."""
+
+
+class InvalidArgument(RpcError):
+    """The request is malformed (unaligned or overlapping ranges, bad values)."""
+
+
+class DeadlineExceeded(RpcError):
+    """The call did not complete before its deadline."""
+
+
+class NotFound(RpcError):
+    """The session, process or view does not exist."""
+
+
+class AlreadyExists(RpcError):
+    """The resource already exists (for example, the process is already tracked)."""
+
+
+class PermissionDenied(RpcError):
+    """The caller may not do this, or the daemon may not act on the target."""
+
+
+class ResourceExhausted(RpcError):
+    """A daemon limit (sessions, ranges, subscribers, message size) was reached."""
+
+
+class FailedPrecondition(RpcError):
+    """The system is not in a state that allows the call (session ended, kernel lacks a feature)."""
+
+
+class Aborted(RpcError):
+    """The call was aborted by a concurrent change."""
+
+
+class OutOfRange(RpcError):
+    """A value is outside the valid range."""
+
+
+class Unimplemented(RpcError):
+    """The daemon does not implement this call."""
+
+
+class Internal(RpcError):
+    """The daemon hit an internal error."""
+
+
+class Unavailable(RpcError):
+    """The daemon cannot be reached or is shutting down; retrying may succeed."""
+
+
+class DataLoss(RpcError):
+    """Unrecoverable data loss or corruption."""
+
+
+class Unauthenticated(RpcError):
+    """The caller's credentials are missing or invalid."""
+
+
+_BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNKNOWN: Unknown,
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.ABORTED: Aborted,
+    grpc.StatusCode.OUT_OF_RANGE: OutOfRange,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DATA_LOSS: DataLoss,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def rpc_error(code: grpc.StatusCode, message: str) -> RpcError:
+    """The RpcError subclass instance for a status code."""
+    return _BY_CODE.get(code, RpcError)(code, message)
+
+
+def from_grpc_error(error: grpc.RpcError) -> RpcError:
+    """Convert a grpc (sync or aio) call error to the matching RpcError."""
+    # Every RpcError raised by a call is also a grpc.Call / aio.AioRpcError carrying these.
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    return rpc_error(code, details or "")
