@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -13,7 +13,7 @@ from grpc import aio
 from ._client import already_seen, auth_metadata, resolve_address, should_retry
 from ._exceptions import NotFound, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
-from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchAsyncStub, WriteWatchStub
+from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
 from ._wire import (
     CHANNEL_OPTIONS,
@@ -26,6 +26,10 @@ from ._wire import (
     to_ranges,
     write_watch_result,
 )
+
+if TYPE_CHECKING:
+    # Exists only in the generated stubs: WriteWatchStub(aio_channel) is typed as it.
+    from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchAsyncStub
 
 __all__ = ["AsyncClient", "AsyncSession", "AsyncView"]
 
