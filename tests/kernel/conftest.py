@@ -38,6 +38,7 @@ libc.shmdt.argtypes = [ctypes.c_void_p]
 libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
 
 MAP_FAILED = ctypes.c_void_p(-1).value
+PROT_NONE = 0
 MAP_FIXED = 0x10
 MAP_HUGETLB = 0x40000
 MAP_NORESERVE = 0x4000
