@@ -1,0 +1,754 @@
+"""Make an uncooperative process create a userfaultfd, and take it.
+
+A userfaultfd acts on the memory of the process that created it, so the target itself has
+to run ``userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)``. We make it do so with
+ptrace, copy the new fd with ``pidfd_getfd`` and close the target's copy ("steal" mode,
+INJECTION.md): afterwards the target's fd table is as before and the caller drives every
+``UFFDIO_*`` ioctl itself, without stopping the target again.
+
+How one injection runs:
+
+1. *Before any stop*: read ``/proc/PID/status`` (refuse if already traced, strict seccomp,
+   or non-dumpable for a non-root caller), find a ``0f 05`` (``syscall``) byte pair in the
+   target's vDSO, and choose a thread (:func:`choose_thread`).
+2. ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` that one thread and wait, bounded by the deadline,
+   for its ``PTRACE_EVENT_STOP``. Other threads keep running: nothing is written into the
+   target's code or data.
+3. Save the registers. Evaluate the thread's seccomp filters for the two syscalls we will
+   run (:mod:`.seccomp`); refuse, untouched, unless both would be allowed. If the thread
+   is inside an rseq critical section, move the saved RIP to its abort handler and clear
+   ``rseq_cs``, exactly as the kernel would have done.
+4. For each syscall set ``rip`` = gadget, ``rax`` = number, arguments, and ``orig_rax = -1``
+   (so the kernel's restart logic leaves our registers alone), then single-step and read
+   ``rax`` at the SIGTRAP after the gadget. Other signals that stop the thread meanwhile
+   are recorded and suppressed.
+5. Restore the registers. The last stop is a signal-delivery-stop inside ``get_signal()``,
+   so a restored ``rax = -ERESTART*`` with the original ``orig_rax`` lets the interrupted
+   syscall restart. ``PTRACE_DETACH``, re-delivering the first held signal with its
+   siginfo (others by ``tgkill``).
+
+Decisions:
+
+* **A helper process does the tracing.** Injections run in a long-lived child process of the
+  caller (started lazily, one request at a time, fds passed back with SCM_RIGHTS). ptrace
+  binds a tracee to the *thread* that attached, and a thread that will not stop (state D)
+  cannot be detached at all; only the tracer's exit releases it. A helper can simply exit
+  then, leaving the target untouched, which a daemon cannot do.
+* **Daemon death inside the window is harmless**: the helper is a separate process, finishes
+  the injection (restoring the target's registers), detaches, and exits when it sees the
+  daemon's end of the socket closed. The target keeps running with its own registers; the
+  stolen uffd dies with the helper, which unregisters nothing since nothing was registered.
+* **Helper death inside the window kills the target.** ``PTRACE_O_EXITKILL`` is set only
+  while the target holds foreign registers (from the first ``PTRACE_SETREGS`` to the
+  ``PTRACE_DETACH``). A helper killed then takes the target with it (SIGKILL), never
+  leaving it running with wrong registers or a pending single-step SIGTRAP. A helper killed
+  before that point (seized, waiting for the stop) leaves the target unharmed. The helper
+  blocks catchable termination signals and asks for ``oom_score_adj = -1000``.
+* **Thread choice** (:func:`choose_thread`): a thread blocked in a restartable syscall first
+  (read, futex, nanosleep, poll, wait...), then one running, then a group-stopped one,
+  then one blocked elsewhere. Never a thread in D state, and never one blocked in a syscall
+  that a ptrace stop turns into EINTR (``epoll_wait``, ``semop``, ``sigtimedwait``,
+  ``io_getevents`` and their variants; signal(7)). Should such a thread be stopped anyway
+  (it entered that syscall after we chose it), its ``-EINTR`` is rewritten to
+  ``-ERESTARTNOHAND`` so the syscall restarts (or fails with EINTR if a real handler runs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from .. import _exceptions
+from .._exceptions import AccessDenied, InjectionRefused, KernelError, ProcessGone
+from ._libc import SYS, raise_errno, syscall
+from .pidfd import pidfd_getfd
+from .procfs import read_maps, read_status, thread_ids
+from .ptrace import (
+    PtraceOption,
+    WaitStatus,
+    detach,
+    get_rseq_configuration,
+    getregs,
+    getsiginfo,
+    interrupt,
+    require_x86_64,
+    resume,
+    seize,
+    setoptions,
+    setregs,
+    setsiginfo,
+    singlestep,
+    wait_stop,
+)
+from .seccomp import AUDIT_ARCH_X86_64, SeccompData, dump_filters, evaluate
+from .uffd import UFFD_USER_MODE_ONLY, Userfaultfd
+
+__all__ = [
+    "InjectionResult",
+    "ThreadChoice",
+    "choose_thread",
+    "find_vdso_gadget",
+    "inject_userfaultfd",
+]
+
+_NR_CLOSE = 3
+_NR_TGKILL = 234
+_UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY
+
+_ERESTARTNOHAND = 514
+
+# x86_64 syscall numbers, by how a ptrace stop treats a thread blocked in them.
+_RESTARTABLE = frozenset(
+    {
+        0,  # read
+        1,  # write
+        7,  # poll
+        17,  # pread64
+        19,  # readv
+        23,  # select
+        34,  # pause
+        35,  # nanosleep
+        61,  # wait4
+        73,  # flock
+        202,  # futex
+        230,  # clock_nanosleep
+        247,  # waitid
+        270,  # pselect6
+        271,  # ppoll
+        449,  # futex_waitv
+    }
+)
+_EINTR_ON_STOP = frozenset(
+    {
+        65,  # semop
+        128,  # rt_sigtimedwait
+        208,  # io_getevents
+        220,  # semtimedop
+        232,  # epoll_wait
+        281,  # epoll_pwait
+        333,  # io_pgetevents
+        441,  # epoll_pwait2
+    }
+)
+# Socket calls fail with EINTR on a stop only under SO_RCVTIMEO/SO_SNDTIMEO; usable, last.
+_EINTR_WITH_TIMEOUT = frozenset({42, 43, 44, 45, 46, 47, 288, 299, 307})
+
+_HELPER_GRACE_S = 5.0
+_MESSAGE_BYTES = 1 << 16
+
+#: Test-only: seconds the helper sleeps inside the window (after the injected userfaultfd).
+_TEST_PAUSE_IN_WINDOW_S = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class InjectionResult:
+    """A userfaultfd created by the target, now owned by the caller (``UFFDIO_API`` not done).
+
+    ``stop_ns`` is how long the chosen thread ``tid`` was stopped, from ``PTRACE_INTERRUPT``
+    until ``PTRACE_DETACH`` returned.
+    """
+
+    uffd: Userfaultfd
+    tid: int
+    stop_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadChoice:
+    """A thread fit for injection, and why: its rank (lower is better) and what it is doing."""
+
+    tid: int
+    rank: int
+    activity: str
+
+
+def inject_userfaultfd(pid: int, *, deadline_s: float = 1.0, tid: int | None = None) -> InjectionResult:
+    """Make process ``pid`` create a userfaultfd, copy it to us, and close the target's copy.
+
+    ``deadline_s`` bounds the wait for a thread to stop. ``tid`` asks for a particular
+    thread, which must pass the same checks as an automatic choice.
+
+    Raises :class:`InjectionRefused` (target untouched and running) when the target is
+    already traced, its seccomp filters would not allow the syscalls, it is not dumpable
+    for a non-root caller, no thread can be stopped before the deadline, or it has no
+    vDSO; :class:`ProcessGone` when it does not exist; :class:`AccessDenied` without the
+    permission to trace it.
+    """
+    require_x86_64()
+    request = {
+        "op": "inject",
+        "pid": pid,
+        "tid": tid,
+        "deadline_s": deadline_s,
+        "pause_in_window_s": _TEST_PAUSE_IN_WINDOW_S,
+    }
+    reply, fds = _HELPER.call(request, timeout_s=deadline_s + _HELPER_GRACE_S)
+    uffd = Userfaultfd(fds[0], owner_pid=pid)
+    return InjectionResult(uffd, int(reply["tid"]), int(reply["stop_ns"]))
+
+
+# --------------------------------------------------------------------------- preparation
+
+
+def _thread_activity(pid: int, tid: int) -> tuple[str, str]:
+    """(state letter, the ``syscall`` file's first field) of one thread; ("", "") if it is gone."""
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/stat") as f:
+            stat = f.read()
+        with open(f"{base}/syscall") as f:
+            current = f.read().split()
+    except FileNotFoundError:
+        return "", ""
+    except PermissionError as exc:
+        raise AccessDenied(exc.errno or errno.EACCES, f"{base}: permission denied") from None
+    state = stat[stat.rindex(")") + 2]
+    return state, current[0] if current else ""
+
+
+def _rank(state: str, current: str) -> ThreadChoice | str:
+    """A ranked choice, or the reason the thread must not be used."""
+    if state in ("", "Z", "X", "x"):
+        return "exiting"
+    if state == "D":
+        return "in uninterruptible sleep (state D)"
+    if state == "t":
+        return "in a tracing stop"
+    if state == "T":
+        return ThreadChoice(0, 2, "group-stopped")
+    if current == "running" or state == "R":
+        return ThreadChoice(0, 1, "running")
+    if current == "-1":
+        return ThreadChoice(0, 3, "blocked outside a syscall")
+    try:
+        nr = int(current)
+    except ValueError:
+        return f"in an unknown state ({state} {current})"
+    if nr in _EINTR_ON_STOP:
+        return f"blocked in syscall {nr}, which a ptrace stop would fail with EINTR"
+    if nr in _RESTARTABLE:
+        return ThreadChoice(0, 0, f"blocked in restartable syscall {nr}")
+    if nr in _EINTR_WITH_TIMEOUT:
+        return ThreadChoice(0, 4, f"blocked in socket syscall {nr}")
+    return ThreadChoice(0, 3, f"blocked in syscall {nr}")
+
+
+def choose_thread(pid: int, preferred_tid: int | None = None) -> ThreadChoice | dict[int, str]:
+    """The best thread of ``pid`` to stop, or every thread's reason for being unfit."""
+    tids = [preferred_tid] if preferred_tid is not None else thread_ids(pid)
+    if preferred_tid is not None and not os.path.exists(f"/proc/{pid}/task/{preferred_tid}"):
+        return {preferred_tid: f"not a thread of process {pid}"}
+    best: ThreadChoice | None = None
+    reasons: dict[int, str] = {}
+    for tid in tids:
+        ranked = _rank(*_thread_activity(pid, tid))
+        if isinstance(ranked, str):
+            reasons[tid] = ranked
+            continue
+        if best is None or ranked.rank < best.rank:
+            best = ThreadChoice(tid, ranked.rank, ranked.activity)
+            if ranked.rank == 0:
+                break
+    return best if best is not None else reasons
+
+
+def find_vdso_gadget(pid: int, mem_fd: int) -> int:
+    """Address of a ``syscall`` instruction (bytes ``0f 05``) in the vDSO of ``pid``."""
+    vdso = [m for m in read_maps(pid) if m.path == "[vdso]"]
+    if not vdso:
+        raise InjectionRefused(errno.ENOENT, f"process {pid} has no vDSO, so no syscall instruction to borrow")
+    try:
+        image = os.pread(mem_fd, vdso[0].length_bytes, vdso[0].start)
+    except OSError as exc:
+        raise_errno(exc.errno or errno.EIO, f"read the vDSO of process {pid}")
+    offset = image.find(b"\x0f\x05")
+    if offset < 0:
+        raise InjectionRefused(errno.ENOENT, f"the vDSO of process {pid} holds no syscall instruction")
+    return vdso[0].start + offset
+
+
+def _refuse_early(pid: int) -> None:
+    """Refusals that need no stop: already traced, strict seccomp, not dumpable for us."""
+    status = read_status(pid)
+    if status.tracer_pid:
+        raise InjectionRefused(errno.EBUSY, f"process {pid} is already traced by process {status.tracer_pid}")
+    if status.seccomp_mode == 1:
+        raise InjectionRefused(errno.EPERM, f"process {pid} runs under strict seccomp, which forbids userfaultfd")
+    if os.geteuid() != 0 and status.effective_uid != 0:
+        # /proc/PID is owned by root exactly when the task is not dumpable (task_dump_owner).
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(f"/proc/{pid}").st_uid == 0:
+                raise InjectionRefused(
+                    errno.EPERM, f"process {pid} is not dumpable; only root (CAP_SYS_PTRACE) may inject into it"
+                )
+
+
+def _open_mem(pid: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise_errno(exc.errno or errno.EIO, f"open /proc/{pid}/mem", hint="ptrace access to the target is needed")
+
+
+# --------------------------------------------------------------------------- the window
+
+
+class _StuckTracee(Exception):
+    """A seized thread did not stop; only the tracer's exit can release it."""
+
+    def __init__(self, refusal: InjectionRefused) -> None:
+        super().__init__(str(refusal))
+        self.refusal = refusal
+
+
+class _Session:
+    """One stopped thread, the injected syscalls, and the way back."""
+
+    def __init__(self, pid: int, tid: int, gadget: int, mem_fd: int, first_stop: WaitStatus) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.gadget = gadget
+        self.mem_fd = mem_fd
+        self.saved = getregs(tid)
+        self.restored = self.saved.copy()
+        self.held_signals: list[tuple[int, bytes]] = []
+        self.armed = False
+        self._first_stop = first_stop
+
+    def check_seccomp(self, seccomp_mode: int) -> None:
+        """Refuse (nothing changed yet) unless the filters allow userfaultfd and close."""
+        if seccomp_mode != 2:
+            return
+        try:
+            filters = dump_filters(self.tid)
+        except AccessDenied as exc:
+            raise InjectionRefused(
+                exc.errno or errno.EPERM, f"process {self.pid} has seccomp filters we may not inspect: {exc}"
+            ) from None
+        for name, nr, args in (("userfaultfd", SYS["userfaultfd"], (_UFFD_FLAGS,)), ("close", _NR_CLOSE, (0,))):
+            verdict = evaluate(filters, SeccompData(nr, AUDIT_ARCH_X86_64, self.gadget + 2, args))
+            if not verdict.runs:
+                raise InjectionRefused(
+                    errno.EPERM,
+                    f"the seccomp filter of process {self.pid} answers {verdict.describe()} to {name}()",
+                )
+
+    def arm(self) -> None:
+        """Prepare the registers to restore, then make our death kill the target."""
+        self._fix_rseq()
+        interrupted = self._first_stop.event and self._first_stop.stop_signal == signal.SIGTRAP
+        eintr_prone = self.saved.orig_rax_signed in _EINTR_ON_STOP | _EINTR_WITH_TIMEOUT
+        if interrupted and eintr_prone and self.saved.rax_signed == -errno.EINTR:
+            # Our PTRACE_INTERRUPT made this syscall fail with EINTR: restart it instead.
+            self.restored.rax = (-_ERESTARTNOHAND) & (2**64 - 1)
+        setoptions(self.tid, PtraceOption.EXITKILL)
+        self.armed = True
+
+    def _fix_rseq(self) -> None:
+        config = get_rseq_configuration(self.tid)
+        if config is None:
+            return
+        rseq_cs_field = config.rseq_abi_pointer + 8
+        (cs_address,) = struct.unpack("<Q", os.pread(self.mem_fd, 8, rseq_cs_field))
+        if not cs_address:
+            return
+        _version, _flags, start_ip, post_commit_bytes, abort_ip = struct.unpack(
+            "<IIQQQ", os.pread(self.mem_fd, 32, cs_address)
+        )
+        if not start_ip <= self.saved.rip < start_ip + post_commit_bytes:
+            return
+        (signature,) = struct.unpack("<I", os.pread(self.mem_fd, 4, abort_ip - 4))
+        if signature != config.signature:
+            return
+        # Leaving the section through our gadget would make the kernel drop the abort it
+        # owes the thread; take the abort now, as the kernel would on preemption.
+        self.restored.rip = abort_ip
+        os.pwrite(self.mem_fd, b"\0" * 8, rseq_cs_field)
+
+    def run(self, nr: int, *args: int, deadline_ns: int) -> int:
+        """Run syscall ``nr`` in the thread; returns its (signed) result."""
+        regs = self.saved.copy()
+        regs.rip = self.gadget
+        regs.rax = nr
+        regs.orig_rax = 2**64 - 1
+        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
+            setattr(regs, name, value & (2**64 - 1))
+        setregs(self.tid, regs)
+        after_gadget = self.gadget + 2
+        while True:
+            singlestep(self.tid)
+            status = wait_stop(self.tid, deadline_ns)
+            if status is None:
+                raise KernelError(errno.ETIMEDOUT, f"thread {self.tid} did not finish an injected syscall in time")
+            if status.gone:
+                raise ProcessGone(errno.ESRCH, f"process {self.pid} {status.describe()} during injection")
+            if status.event:
+                continue  # a group-stop or our interrupt's trap: nothing to hold
+            if status.stop_signal != signal.SIGTRAP:
+                self.held_signals.append((status.stop_signal, getsiginfo(self.tid)))
+            now = getregs(self.tid)
+            if now.rip == after_gadget:
+                return now.rax_signed
+
+    def restore_and_detach(self) -> None:
+        """Put the registers back and let go, re-delivering held signals."""
+        if self.armed:
+            setregs(self.tid, self.restored)
+        sig = 0
+        if self.held_signals:
+            sig, siginfo = self.held_signals[0]
+            setsiginfo(self.tid, siginfo)
+            for extra, _ in self.held_signals[1:]:
+                syscall(_NR_TGKILL, self.pid, self.tid, extra)
+        detach(self.tid, sig)
+
+
+@contextlib.contextmanager
+def _stopped(pid: int, tid: int, deadline_ns: int) -> Iterator[WaitStatus]:
+    """Seize and interrupt ``tid``; yields its first stop."""
+    try:
+        seize(tid)
+    except AccessDenied:
+        tracer = read_status(pid).tracer_pid
+        if tracer:
+            raise InjectionRefused(errno.EBUSY, f"process {pid} is already traced by process {tracer}") from None
+        raise
+    interrupt(tid)
+    status = wait_stop(tid, deadline_ns)
+    if status is None:
+        state, current = _thread_activity(pid, tid)
+        raise _StuckTracee(
+            InjectionRefused(
+                errno.ETIMEDOUT,
+                f"thread {tid} of process {pid} did not stop before the deadline (state {state}, syscall {current})",
+            )
+        )
+    if status.gone:
+        raise ProcessGone(errno.ESRCH, f"process {pid} {status.describe()}")
+    yield status
+
+
+def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    pid = int(request["pid"])
+    deadline_ns = time.monotonic_ns() + int(float(request["deadline_s"]) * 1e9)
+    _refuse_early(pid)
+    seccomp_mode = read_status(pid).seccomp_mode
+    mem_fd = _open_mem(pid)
+    try:
+        gadget = find_vdso_gadget(pid, mem_fd)
+        preferred = request.get("tid")
+        while True:
+            choice = choose_thread(pid, preferred)
+            if isinstance(choice, ThreadChoice):
+                break
+            if time.monotonic_ns() >= deadline_ns:
+                causes = "; ".join(f"thread {t} is {why}" for t, why in choice.items())
+                raise InjectionRefused(errno.EAGAIN, f"no thread of process {pid} can be stopped safely: {causes}")
+            time.sleep(0.001)
+        started_ns = time.monotonic_ns()
+        with _stopped(pid, choice.tid, deadline_ns) as first_stop:
+            session = _Session(pid, choice.tid, gadget, mem_fd, first_stop)
+            stolen = _steal_uffd(session, seccomp_mode, deadline_ns, float(request.get("pause_in_window_s") or 0))
+        stop_ns = time.monotonic_ns() - started_ns
+    finally:
+        os.close(mem_fd)
+    return {"tid": choice.tid, "stop_ns": stop_ns}, [stolen]
+
+
+def _steal_uffd(
+    session: _Session,
+    seccomp_mode: int,
+    deadline_ns: int,
+    pause_s: float = 0.0,
+    before_detach: Callable[[int], None] | None = None,
+) -> int:
+    """Inside the window: userfaultfd, pidfd_getfd, close; always restore and detach.
+
+    ``before_detach`` receives the stolen fd while the target is still stopped (and then
+    owns it: -1 is returned).
+    """
+    stolen = -1
+    try:
+        session.check_seccomp(seccomp_mode)
+        session.arm()
+        target_fd = session.run(SYS["userfaultfd"], _UFFD_FLAGS, deadline_ns=deadline_ns)
+        if pause_s:
+            time.sleep(pause_s)
+        if target_fd < 0:
+            _raise_uffd_failure(session.pid, -target_fd)
+        try:
+            stolen = pidfd_getfd(session.pid, target_fd)
+        finally:
+            session.run(_NR_CLOSE, target_fd, deadline_ns=deadline_ns)
+        if before_detach is not None:
+            handed_over, stolen = stolen, -1
+            before_detach(handed_over)
+    except BaseException:
+        if stolen >= 0:
+            os.close(stolen)
+        with contextlib.suppress(ProcessGone):
+            session.restore_and_detach()
+        raise
+    session.restore_and_detach()
+    return stolen
+
+
+def _raise_uffd_failure(pid: int, err: int) -> None:
+    if err in (errno.EPERM, errno.EACCES):
+        raise InjectionRefused(
+            err, f"process {pid} may not create a userfaultfd ({os.strerror(err)}; an LSM or container policy?)"
+        )
+    raise_errno(err, f"userfaultfd() injected into process {pid}")
+
+
+# --------------------------------------------------------------------------- spawn support
+
+
+def _wait_group_stopped(pid: int, deadline_ns: int) -> None:
+    while True:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} vanished before exec") from None
+        state = stat[stat.rindex(")") + 2]
+        if state == "T":
+            return
+        if state in ("Z", "X"):
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} exited before exec")
+        if time.monotonic_ns() >= deadline_ns:
+            raise KernelError(errno.ETIMEDOUT, f"spawned process {pid} did not reach its pre-exec stop")
+        time.sleep(0.0002)
+
+
+def _run_to_exec(pid: int, deadline_ns: int) -> None:
+    """Seize the self-stopped trampoline, continue it, and wait for its exec stop."""
+    seize(pid, PtraceOption.TRACEEXEC | PtraceOption.EXITKILL)
+    os.kill(pid, signal.SIGCONT)
+    while True:
+        status = wait_stop(pid, deadline_ns)
+        if status is None:
+            raise KernelError(errno.ETIMEDOUT, f"spawned process {pid} did not exec in time")
+        if status.gone:
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} {status.describe()} before exec")
+        if status.event == 4:  # PTRACE_EVENT_EXEC
+            return
+        passed = 0 if status.event else status.stop_signal
+        resume(pid, passed)
+
+
+def _spawn_inject(
+    request: dict[str, Any], send: Callable[[dict[str, Any], list[int]], None], receive: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], list[int]]:
+    pid = int(request["pid"])
+    deadline_ns = time.monotonic_ns() + int(float(request["deadline_s"]) * 1e9)
+    _wait_group_stopped(pid, deadline_ns)
+    _run_to_exec(pid, deadline_ns)
+    started_ns = time.monotonic_ns()
+
+    def hand_over(fd: int) -> None:
+        try:
+            send({"phase": "stopped"}, [fd])
+        finally:
+            os.close(fd)
+        receive()
+
+    mem_fd = _open_mem(pid)
+    try:
+        gadget = find_vdso_gadget(pid, mem_fd)
+        session = _Session(pid, pid, gadget, mem_fd, WaitStatus(0))
+        stolen = _steal_uffd(
+            session,
+            read_status(pid).seccomp_mode,
+            deadline_ns,
+            before_detach=hand_over if request.get("pause_before_start") else None,
+        )
+    finally:
+        os.close(mem_fd)
+    reply = {"phase": "done", "stop_ns": time.monotonic_ns() - started_ns}
+    return reply, [] if stolen < 0 else [stolen]
+
+
+# --------------------------------------------------------------------------- the helper process
+
+
+def _encode_error(exc: BaseException) -> dict[str, Any]:
+    if isinstance(exc, KernelError):
+        return {"error": type(exc).__name__, "errno": exc.errno, "message": str(exc)}
+    if isinstance(exc, _exceptions.WriteWatchError):
+        return {"error": type(exc).__name__, "errno": 0, "message": str(exc)}
+    return {"error": "KernelError", "errno": errno.EIO, "message": f"injection helper failed: {exc!r}"}
+
+
+def _raise_error(reply: dict[str, Any]) -> None:
+    cls = getattr(_exceptions, str(reply["error"]), KernelError)
+    if isinstance(cls, type) and issubclass(cls, KernelError):
+        raise cls(int(reply["errno"]), str(reply["message"]))
+    if isinstance(cls, type) and issubclass(cls, _exceptions.WriteWatchError):
+        raise cls(str(reply["message"]))
+    raise KernelError(errno.EIO, str(reply["message"]))
+
+
+def _send(sock: socket.socket, message: dict[str, Any], fds: list[int]) -> None:
+    socket.send_fds(sock, [json.dumps(message).encode()], fds)
+
+
+def _receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
+    data, fds, _flags, _address = socket.recv_fds(sock, _MESSAGE_BYTES, 4)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    message: dict[str, Any] = json.loads(data)
+    return message, list(fds)
+
+
+def _helper_main(fd: int) -> None:
+    """The helper process: serve requests until the caller's end of the socket closes."""
+    # A signal meant for the daemon's process group must not end us inside a window.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+    with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
+        f.write("-1000")
+    sock = socket.socket(fileno=fd)
+
+    def send(message: dict[str, Any], fds: list[int]) -> None:
+        _send(sock, message, fds)
+
+    def receive() -> dict[str, Any]:
+        got = _receive(sock)
+        return got[0] if got else {}
+
+    while True:
+        got = _receive(sock)
+        if got is None:
+            return
+        request, fds = got
+        must_exit = False
+        try:
+            if request["op"] == "inject":
+                reply, out_fds = _inject_running(request)
+            elif request["op"] == "spawn":
+                reply, out_fds = _spawn_inject(request, send, receive)
+            else:
+                reply, out_fds = {"pid": os.getpid()}, []
+        except _StuckTracee as exc:
+            reply, out_fds, must_exit = _encode_error(exc.refusal), [], True
+        except Exception as exc:
+            if not isinstance(exc, _exceptions.WriteWatchError):
+                traceback.print_exc()
+            reply, out_fds = _encode_error(exc), []
+        finally:
+            for fd_in in fds:
+                os.close(fd_in)
+        try:
+            send(reply, out_fds)
+        except OSError:
+            return
+        finally:
+            for out in out_fds:
+                os.close(out)
+        if must_exit:
+            # The thread we seized never stopped; our exit is the only way to release it.
+            os._exit(0)
+
+
+class _Helper:
+    """The caller's side: starts the helper on demand and talks to it, one request at a time."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+
+    def pid(self) -> int:
+        """The helper's pid, starting it if needed."""
+        with self._lock:
+            return self._ensure()[0].pid
+
+    def _ensure(self) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        if self._process is not None and self._sock is not None and self._process.poll() is None:
+            return self._process, self._sock
+        self._discard()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        code = "import sys; from writewatchd.kernel.inject import _helper_main; _helper_main(int(sys.argv[1]))"
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code, str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        self._process, self._sock = process, ours
+        return process, ours
+
+    def _discard(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def call(
+        self,
+        request: dict[str, Any],
+        *,
+        timeout_s: float,
+        fds: tuple[int, ...] = (),
+        on_stopped: Callable[[dict[str, Any], list[int]], None] | None = None,
+    ) -> tuple[dict[str, Any], list[int]]:
+        """Send ``request``; return the final reply and the fds it carries (raising errors)."""
+        with self._lock:
+            _, sock = self._ensure()
+            sock.settimeout(timeout_s)
+            try:
+                _send(sock, request, list(fds))
+                while True:
+                    got = _receive(sock)
+                    if got is None:
+                        raise KernelError(errno.EPIPE, "the injection helper died")
+                    reply, reply_fds = got
+                    if reply.get("phase") != "stopped" or on_stopped is None:
+                        break
+                    try:
+                        on_stopped(reply, reply_fds)
+                    finally:
+                        _send(sock, {"op": "resume"}, [])
+            except (TimeoutError, OSError) as exc:
+                # A helper that does not answer may be stuck on a tracee; its exit releases it.
+                self._discard()
+                if isinstance(exc, KernelError):
+                    raise
+                raise KernelError(errno.ETIMEDOUT, f"the injection helper did not answer: {exc!r}") from None
+        if "error" in reply:
+            for fd in reply_fds:
+                os.close(fd)
+            if reply.get("errno") == errno.ETIMEDOUT and reply["error"] == "InjectionRefused":
+                with self._lock:
+                    self._discard()
+            _raise_error(reply)
+        return reply, reply_fds
+
+
+_HELPER = _Helper()
+
+
+def _helper_pid() -> int:
+    """Test hook: the pid of the injection helper (started if needed)."""
+    return _HELPER.pid()
