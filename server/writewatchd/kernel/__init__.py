@@ -13,8 +13,10 @@ from .pagemap import (
     ScanFlag,
     ScanResult,
 )
+from .inject import InjectionResult, inject_userfaultfd
 from .pidfd import pidfd_getfd, pidfd_open
 from .procfs import Mapping, MappingPerm, ProcessIdentity, ProcessStatus, read_maps, read_status, thread_ids
+from .spawn import SpawnedProcess, spawn_tracked
 from .uffd import TRACKING_FEATURES, RegisterMode, UffdFeature, Userfaultfd, is_userfaultfd
 
 __all__ = [
@@ -39,4 +41,8 @@ __all__ = [
     "read_maps",
     "read_status",
     "thread_ids",
+    "InjectionResult",
+    "SpawnedProcess",
+    "inject_userfaultfd",
+    "spawn_tracked",
 ]

@@ -77,6 +77,7 @@ from ._libc import SYS, raise_errno, syscall
 from .pidfd import pidfd_getfd
 from .procfs import read_maps, read_status, thread_ids
 from .ptrace import (
+    PtraceEvent,
     PtraceOption,
     WaitStatus,
     detach,
@@ -362,15 +363,18 @@ class _Session:
         if config is None:
             return
         rseq_cs_field = config.rseq_abi_pointer + 8
-        (cs_address,) = struct.unpack("<Q", os.pread(self.mem_fd, 8, rseq_cs_field))
-        if not cs_address:
-            return
-        _version, _flags, start_ip, post_commit_bytes, abort_ip = struct.unpack(
-            "<IIQQQ", os.pread(self.mem_fd, 32, cs_address)
-        )
-        if not start_ip <= self.saved.rip < start_ip + post_commit_bytes:
-            return
-        (signature,) = struct.unpack("<I", os.pread(self.mem_fd, 4, abort_ip - 4))
+        try:
+            (cs_address,) = struct.unpack("<Q", os.pread(self.mem_fd, 8, rseq_cs_field))
+            if not cs_address:
+                return
+            _version, _flags, start_ip, post_commit_bytes, abort_ip = struct.unpack(
+                "<IIQQQ", os.pread(self.mem_fd, 32, cs_address)
+            )
+            if not start_ip <= self.saved.rip < start_ip + post_commit_bytes:
+                return
+            (signature,) = struct.unpack("<I", os.pread(self.mem_fd, 4, abort_ip - 4))
+        except OSError:
+            return  # an unreadable rseq area: the kernel would fail the thread on its own
         if signature != config.signature:
             return
         # Leaving the section through our gadget would make the kernel drop the abort it
@@ -534,20 +538,28 @@ def _wait_group_stopped(pid: int, deadline_ns: int) -> None:
         time.sleep(0.0002)
 
 
-def _run_to_exec(pid: int, deadline_ns: int) -> None:
-    """Seize the self-stopped trampoline, continue it, and wait for its exec stop."""
+def _run_to_exec(pid: int, deadline_ns: int) -> WaitStatus:
+    """Seize the self-stopped trampoline, continue it, and stop the new program before its first instruction.
+
+    The exec event itself is no place to inject: the thread is still inside ``execve``, whose
+    return value would overwrite our ``rax``. An interrupt queued at that stop traps the
+    thread in ``get_signal()`` on its way out to user mode; that stop is returned.
+    """
     seize(pid, PtraceOption.TRACEEXEC | PtraceOption.EXITKILL)
     os.kill(pid, signal.SIGCONT)
+    exec_seen = False
     while True:
         status = wait_stop(pid, deadline_ns)
         if status is None:
             raise KernelError(errno.ETIMEDOUT, f"spawned process {pid} did not exec in time")
         if status.gone:
             raise ProcessGone(errno.ESRCH, f"spawned process {pid} {status.describe()} before exec")
-        if status.event == 4:  # PTRACE_EVENT_EXEC
-            return
-        passed = 0 if status.event else status.stop_signal
-        resume(pid, passed)
+        if status.event == PtraceEvent.EXEC:
+            exec_seen = True
+            interrupt(pid)
+        elif exec_seen and status.event == PtraceEvent.STOP and status.stop_signal == signal.SIGTRAP:
+            return status
+        resume(pid, 0 if status.event else status.stop_signal)
 
 
 def _spawn_inject(
@@ -556,7 +568,7 @@ def _spawn_inject(
     pid = int(request["pid"])
     deadline_ns = time.monotonic_ns() + int(float(request["deadline_s"]) * 1e9)
     _wait_group_stopped(pid, deadline_ns)
-    _run_to_exec(pid, deadline_ns)
+    first_stop = _run_to_exec(pid, deadline_ns)
     started_ns = time.monotonic_ns()
 
     def hand_over(fd: int) -> None:
@@ -569,7 +581,7 @@ def _spawn_inject(
     mem_fd = _open_mem(pid)
     try:
         gadget = find_vdso_gadget(pid, mem_fd)
-        session = _Session(pid, pid, gadget, mem_fd, WaitStatus(0))
+        session = _Session(pid, pid, gadget, mem_fd, first_stop)
         stolen = _steal_uffd(
             session,
             read_status(pid).seccomp_mode,
