@@ -5,6 +5,9 @@ Every error the package raises on purpose is one of these::
     WriteWatchError                     base of everything below
     ├── UsageError (ValueError)         the caller passed arguments that can never work
     │   └── InvalidRange                an address range is unaligned, empty, or outside what is allowed
+    ├── SessionNotFound (LookupError)   no session has that id
+    ├── SessionEnded                    the session has ended; it can be read, not changed
+    ├── LimitExceeded                   a configured limit (sessions, ranges, subscribers) would be exceeded
     └── KernelError (OSError)           a kernel interface refused; carries ``errno``
         ├── FeatureUnavailable          this kernel lacks an interface, flag or category
         ├── NotRegistered               memory in the range is not registered for async write-protect
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "LimitExceeded",
+    "SessionEnded",
+    "SessionNotFound",
     "FeatureUnavailable",
     "InjectionRefused",
     "InvalidRange",
@@ -43,6 +49,18 @@ class UsageError(WriteWatchError, ValueError):
 
 class InvalidRange(UsageError):
     """An address range is unaligned, empty, or outside what is allowed."""
+
+
+class SessionNotFound(WriteWatchError, LookupError):
+    """No session has that id."""
+
+
+class SessionEnded(WriteWatchError):
+    """The session has ended; it can be read, not changed."""
+
+
+class LimitExceeded(WriteWatchError):
+    """A configured limit (sessions, ranges, subscribers) would be exceeded."""
 
 
 class KernelError(WriteWatchError, OSError):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from ._exceptions import WriteWatchError
 from .kernel.pagemap import Category
 from .kernel.probe import Capabilities, probe
 from .kernel.uffd import UffdFeature
@@ -92,6 +94,37 @@ def doctor(
             console.print(f"note: {note}", markup=False)
     if not caps.can_track:
         raise typer.Exit(1)
+
+
+@app.command()
+def serve(
+    listen: Annotated[
+        str | None, typer.Option(help="unix:PATH or tcp:HOST:PORT (default: a private Unix socket)")
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="TOML settings file", exists=True, dir_okay=False)] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="directory of the state store")] = None,
+    insecure_tcp: Annotated[bool | None, typer.Option(help="allow plaintext TCP (tests only)")] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+) -> None:
+    """Run the daemon until SIGINT/SIGTERM; sessions of a previous run are re-adopted."""
+    import logging
+
+    import uvloop
+    from pydantic import ValidationError
+
+    from .service import Settings, run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings.load(config, listen=listen, state_dir=state_dir, insecure_tcp=insecure_tcp)
+    except ValidationError as exc:
+        typer.echo(f"writewatchd: invalid settings: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:
+        uvloop.run(run(settings))
+    except WriteWatchError as exc:
+        typer.echo(f"writewatchd: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 def main() -> None:

@@ -19,9 +19,17 @@ from dataclasses import dataclass
 from .._exceptions import InvalidRange, UsageError
 from ..kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag, Userfaultfd
 from ..kernel._libc import libc
-from .regions import RegionArray, page_addresses
+from .regions import RegionArray, as_regions, page_addresses
 
-__all__ = ["WRITE_WATCH_FLAG_RESET", "WatchFlag", "WriteWatch", "WriteWatchResult"]
+__all__ = [
+    "WRITE_WATCH_FLAG_RESET",
+    "WatchFlag",
+    "WriteWatch",
+    "WriteWatchResult",
+    "check_inside_one",
+    "check_write_watch_args",
+    "page_span",
+]
 
 _MADV_NOHUGEPAGE = 15
 _HARVEST_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
@@ -44,7 +52,7 @@ class WriteWatchResult:
     granularity: int = PAGE_SIZE
 
 
-def _page_span(address: int, length_bytes: int) -> tuple[int, int]:
+def page_span(address: int, length_bytes: int) -> tuple[int, int]:
     """Round ``[address, address + length_bytes)`` out to whole pages, as Windows does."""
     if address < 0:
         raise InvalidRange(f"address must be >= 0, got {address}")
@@ -53,6 +61,22 @@ def _page_span(address: int, length_bytes: int) -> tuple[int, int]:
     start = address - address % PAGE_SIZE
     end = -(-(address + length_bytes) // PAGE_SIZE) * PAGE_SIZE
     return start, end
+
+
+def check_write_watch_args(max_count: int, flags: int) -> bool:
+    """Validate ``GetWriteWatch`` arguments; returns whether ``flags`` asks for a reset."""
+    if flags & ~WatchFlag.RESET:
+        raise UsageError(f"unknown write-watch flags 0x{flags & ~WatchFlag.RESET:x}")
+    if max_count <= 0:
+        raise UsageError(f"max_count must be > 0, got {max_count}")
+    return bool(flags & WatchFlag.RESET)
+
+
+def check_inside_one(ranges: RegionArray, start: int, end: int) -> None:
+    """Raise unless ``[start, end)`` lies wholly inside one of ``ranges``."""
+    inside = (ranges[:, 0] <= start) & (end <= ranges[:, 1])
+    if not inside.any():
+        raise InvalidRange(f"[0x{start:x}, 0x{end:x}) is not wholly inside one watched range")
 
 
 class WriteWatch:
@@ -76,7 +100,7 @@ class WriteWatch:
         """
         if address % PAGE_SIZE or length_bytes % PAGE_SIZE:
             raise InvalidRange(f"watch [0x{address:x}, +{length_bytes}) must be page aligned")
-        start, end = _page_span(address, length_bytes)
+        start, end = page_span(address, length_bytes)
         with self._lock:
             for w_start, w_end in self._watches.items():
                 if start < w_end and w_start < end:
@@ -113,12 +137,8 @@ class WriteWatch:
         With ``reset`` (or ``flags=WRITE_WATCH_FLAG_RESET``) exactly the returned pages are
         reset, in the same kernel walk that found them.
         """
-        if flags & ~WatchFlag.RESET:
-            raise UsageError(f"unknown write-watch flags 0x{flags & ~WatchFlag.RESET:x}")
-        if max_count <= 0:
-            raise UsageError(f"max_count must be > 0, got {max_count}")
-        reset = reset or bool(flags & WatchFlag.RESET)
-        start, end = _page_span(address, length_bytes)
+        reset = check_write_watch_args(max_count, flags) or reset
+        start, end = page_span(address, length_bytes)
         with self._lock:
             self._check_inside_watch(start, end)
             result = self._scanner.scan(
@@ -137,7 +157,7 @@ class WriteWatch:
 
     def harvest(self, address: int, length_bytes: int) -> RegionArray:
         """The written regions of the range as ``(n, 2)`` uint64 ``[start, end)``, and reset them."""
-        start, end = _page_span(address, length_bytes)
+        start, end = page_span(address, length_bytes)
         with self._lock:
             self._check_inside_watch(start, end)
             return self._scanner.harvest(start, end)
@@ -156,7 +176,4 @@ class WriteWatch:
         self.close()
 
     def _check_inside_watch(self, start: int, end: int) -> None:
-        for w_start, w_end in self._watches.items():
-            if w_start <= start and end <= w_end:
-                return
-        raise InvalidRange(f"[0x{start:x}, 0x{end:x}) is not wholly inside one watch")
+        check_inside_one(as_regions(self._watches.items()), start, end)

@@ -1,0 +1,271 @@
+"""Fan-out of one session's deltas to any number of subscribers.
+
+One harvester publishes; each subscriber has its own bounded queue. When a queue is full,
+its deltas are merged by set union into one delta spanning ``first_seq..seq``: a slow
+reader loses latency, never pages. A bounded history serves resumption from
+``(epoch, seq)``; what it cannot serve becomes a RESYNC (every tracked page written).
+
+Each delta is encoded once (by the injected ``encode``) and the same frames go to every
+subscriber that sees it unchanged; only merged or filtered deltas are encoded per subscriber.
+Everything here runs on the event loop except :meth:`Hub.prepare`, which the harvester
+calls from its worker thread while it holds the session's harvest lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..tracking.delta import Delta, merge_deltas
+from ..tracking.regions import RegionArray, RegionSet
+
+__all__ = ["EndReason", "Hub", "HubStatistics", "Published", "SessionEnd", "Subscriber", "SubscriberStatistics"]
+
+Encoder = Callable[[Delta], Sequence[bytes]]
+
+
+class EndReason(enum.IntEnum):
+    """Why a stream ended (values match ``writewatch.v1.EndReason``)."""
+
+    EXITED = 1
+    DELETED = 2
+    DAEMON_SHUTDOWN = 3
+    EVICTED = 4
+    EXECED = 5
+    ERROR = 6
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEnd:
+    """The last item a subscriber receives."""
+
+    reason: EndReason
+    message: str
+
+
+@dataclass(slots=True)
+class Published:
+    """A delta with its wire frames, encoded at most once."""
+
+    delta: Delta
+    _encode: Encoder
+    _frames: Sequence[bytes] | None = None
+
+    @property
+    def frames(self) -> Sequence[bytes]:
+        """The encoded frames (fragments) of the delta."""
+        if self._frames is None:
+            self._frames = self._encode(self.delta)
+        return self._frames
+
+    @property
+    def size_bytes(self) -> int:
+        """Approximate memory held by the delta's regions."""
+        return int(self.delta.regions.nbytes)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriberStatistics:
+    """Counters of one subscriber."""
+
+    n_queued: int
+    n_delivered: int
+    n_merges: int
+    max_queued: int
+
+
+@dataclass(frozen=True, slots=True)
+class HubStatistics:
+    """Counters of a hub."""
+
+    epoch: int
+    last_seq: int
+    n_subscribers: int
+    n_history: int
+    history_bytes: int
+    n_published: int
+
+
+class Subscriber:
+    """One consumer's bounded queue. Iterate with :meth:`next` until it returns a :class:`SessionEnd`."""
+
+    def __init__(self, hub: Hub, max_queued: int, filter_ranges: RegionArray | None) -> None:
+        self._hub = hub
+        self._max_queued = max_queued
+        self._filter = RegionSet(filter_ranges) if filter_ranges is not None and len(filter_ranges) else None
+        self._queue: deque[Published] = deque()
+        self._end: SessionEnd | None = None
+        self._wakeup = asyncio.Event()
+        self._n_delivered = 0
+        self._n_merges = 0
+        self.last_dequeue_monotonic = time.monotonic()
+
+    def statistics(self) -> SubscriberStatistics:
+        """Current counters."""
+        return SubscriberStatistics(len(self._queue), self._n_delivered, self._n_merges, self._max_queued)
+
+    async def next(self) -> Published | SessionEnd:
+        """The next delta, or the end of the stream (returned once queued deltas are drained)."""
+        while not self._queue:
+            if self._end is not None:
+                return self._end
+            self._wakeup.clear()
+            await self._wakeup.wait()
+        self._n_delivered += 1
+        self.last_dequeue_monotonic = time.monotonic()
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        """Stop receiving (the stream went away)."""
+        self._hub._subscribers.discard(self)
+
+    def _offer(self, item: Published) -> None:
+        if self._filter is not None:
+            clipped = self._filter.intersection(item.delta.regions)
+            if len(clipped) == 0 and not item.delta.resync:
+                return
+            if not np.array_equal(clipped, item.delta.regions):
+                item = self._hub._wrap(_replace_regions(item.delta, clipped))
+        self._queue.append(item)
+        if len(self._queue) > self._max_queued:
+            merged = merge_deltas([queued.delta for queued in self._queue])
+            self._queue.clear()
+            self._queue.append(self._hub._wrap(merged))
+            self._n_merges += 1
+        self._wakeup.set()
+
+    def _finish(self, end: SessionEnd) -> None:
+        self._end = end
+        self._wakeup.set()
+
+
+def _replace_regions(delta: Delta, regions: RegionArray) -> Delta:
+    return Delta(delta.epoch, delta.seq, delta.first_seq, delta.resync, delta.harvested_at_unix_ns, regions)
+
+
+class Hub:
+    """Numbering, history and fan-out of one session's deltas."""
+
+    def __init__(
+        self,
+        encode: Encoder,
+        *,
+        epoch: int,
+        max_queued: int = 64,
+        history_max_deltas: int = 1024,
+        history_max_bytes: int = 64 << 20,
+    ) -> None:
+        self.epoch = epoch
+        self.last_seq = 0
+        self._encode = encode
+        self._max_queued = max_queued
+        self._history: deque[Published] = deque()
+        self._history_bytes = 0
+        self._history_max_deltas = history_max_deltas
+        self._history_max_bytes = history_max_bytes
+        self._subscribers: set[Subscriber] = set()
+        self._prepared_seq = 0
+        self._n_published = 0
+        self.end: SessionEnd | None = None
+
+    def statistics(self) -> HubStatistics:
+        """Current counters."""
+        return HubStatistics(
+            self.epoch,
+            self.last_seq,
+            len(self._subscribers),
+            len(self._history),
+            self._history_bytes,
+            self._n_published,
+        )
+
+    @property
+    def n_subscribers(self) -> int:
+        """Subscribers connected now."""
+        return len(self._subscribers)
+
+    def prepare(self, regions: RegionArray, *, resync: bool = False, encode_now: bool = True) -> Published | None:
+        """Number a harvest result and encode it (off the event loop); ``None`` when empty.
+
+        Callers serialise prepare+publish pairs (the session's harvest lock), so numbers
+        are handed out in publication order.
+        """
+        if len(regions) == 0 and not resync:
+            return None
+        self._prepared_seq = max(self._prepared_seq, self.last_seq) + 1
+        delta = Delta(self.epoch, self._prepared_seq, self._prepared_seq, resync, time.time_ns(), regions)
+        published = self._wrap(delta)
+        if encode_now:
+            _ = published.frames
+        return published
+
+    def publish(self, published: Published) -> Delta:
+        """Hand a prepared delta to every subscriber and to history."""
+        self.last_seq = published.delta.seq
+        self._n_published += 1
+        self._history.append(published)
+        self._history_bytes += published.size_bytes
+        while len(self._history) > self._history_max_deltas or (
+            self._history_bytes > self._history_max_bytes and len(self._history) > 1
+        ):
+            self._history_bytes -= self._history.popleft().size_bytes
+        for subscriber in list(self._subscribers):
+            subscriber._offer(published)
+        return published.delta
+
+    def subscribe(
+        self,
+        tracked: RegionArray,
+        *,
+        resume: tuple[int, int] | None = None,
+        filter_ranges: RegionArray | None = None,
+    ) -> Subscriber:
+        """A new subscriber, primed with what it missed since ``resume`` (default: the epoch's start).
+
+        Replays history when it holds every delta after the resume point; otherwise the
+        subscriber first gets a RESYNC of ``tracked``, numbered as the latest delta.
+        """
+        subscriber = Subscriber(self, self._max_queued, filter_ranges)
+        resume_epoch, resume_seq = resume if resume is not None else (self.epoch, 0)
+        if resume_epoch == self.epoch and resume_seq <= self.last_seq:
+            oldest = self._history[0].delta.first_seq if self._history else self.last_seq + 1
+            if resume_seq + 1 >= oldest:
+                for item in self._history:
+                    if item.delta.seq > resume_seq:
+                        subscriber._offer(item)
+            else:
+                subscriber._offer(self._resync(tracked, first_seq=resume_seq + 1))
+        else:
+            subscriber._offer(self._resync(tracked, first_seq=1))
+        if self.end is not None:
+            subscriber._finish(self.end)
+        else:
+            self._subscribers.add(subscriber)
+        return subscriber
+
+    def finish(self, reason: EndReason, message: str) -> None:
+        """End every stream (after its queued deltas) and refuse nothing: late subscribers get the end too."""
+        if self.end is not None:
+            return
+        self.end = SessionEnd(reason, message)
+        for subscriber in list(self._subscribers):
+            subscriber._finish(self.end)
+        self._subscribers.clear()
+
+    def evict(self, subscriber: Subscriber, message: str) -> None:
+        """Drop one subscriber with reason EVICTED."""
+        self._subscribers.discard(subscriber)
+        subscriber._finish(SessionEnd(EndReason.EVICTED, message))
+
+    def _resync(self, tracked: RegionArray, *, first_seq: int) -> Published:
+        seq = max(self.last_seq, first_seq)
+        return self._wrap(Delta(self.epoch, seq, min(first_seq, seq), True, time.time_ns(), tracked))
+
+    def _wrap(self, delta: Delta) -> Published:
+        return Published(delta, self._encode)

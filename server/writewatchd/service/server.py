@@ -1,0 +1,126 @@
+"""Run the daemon: listener, services (WriteWatch, health, reflection), re-adoption, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
+
+from .._exceptions import UsageError
+from ..tracking.delta import Delta
+from .servicer import WriteWatchServicer, generic_handler
+from .sessions import SessionManager
+from .settings import Settings
+from .store import StateStore
+from .wire import delta_frames
+
+__all__ = ["Daemon", "run"]
+
+log = logging.getLogger(__name__)
+
+_SERVICE_NAME = pb.DESCRIPTOR.services_by_name["WriteWatch"].full_name
+_MESSAGE_LIMIT_BYTES = 256 << 20
+
+
+class Daemon:
+    """One writewatchd instance; :meth:`start` binds and re-adopts, :meth:`stop` ends every stream."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.store = StateStore(settings.state_dir / "state.db")
+        self.manager = SessionManager(settings, self.store, self._encode)
+        # grpc-stubs does not know the asyncio health servicer.
+        self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", _MESSAGE_LIMIT_BYTES),
+                ("grpc.max_receive_message_length", 16 << 20),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        self.address = ""
+
+    def _encode(self, session_id: str, delta: Delta) -> list[bytes]:
+        return delta_frames(session_id, delta, self.settings.fragment_max_bytes)
+
+    async def start(self) -> str:
+        """Bind, serve, re-adopt the previous daemon's sessions; returns the bound address."""
+        self.server.add_generic_rpc_handlers((generic_handler(WriteWatchServicer(self.manager)),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.address = self._bind()
+        await self.server.start()
+        adopted, dead = await self.manager.readopt()
+        if adopted or dead:
+            log.info("re-adopted %d sessions; %d had exited", len(adopted), len(dead))
+        await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
+        return self.address
+
+    def _bind(self) -> str:
+        listen = self.settings.listen
+        if listen.startswith("unix:"):
+            path = Path(listen.removeprefix("unix:"))
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            # The socket is root-equivalent: create it with the configured mode, never wider.
+            old_umask = os.umask(0o777 & ~self.settings.socket_mode)
+            try:
+                self.server.add_insecure_port(f"unix:{path}")
+            finally:
+                os.umask(old_umask)
+            os.chmod(path, self.settings.socket_mode)
+            return f"unix:{path}"
+        host_port = listen.removeprefix("tcp:")
+        if self.settings.tls_cert_file and self.settings.tls_key_file:
+            client_ca = self.settings.tls_client_ca_file.read_bytes() if self.settings.tls_client_ca_file else None
+            credentials = grpc.ssl_server_credentials(
+                [(self.settings.tls_key_file.read_bytes(), self.settings.tls_cert_file.read_bytes())],
+                root_certificates=client_ca,
+                require_client_auth=client_ca is not None,
+            )
+            port = self.server.add_secure_port(host_port, credentials)
+        elif self.settings.insecure_tcp:
+            port = self.server.add_insecure_port(host_port)
+        else:
+            raise UsageError("tcp: needs tls_cert_file and tls_key_file (or insecure_tcp for tests)")
+        host = host_port.rsplit(":", 1)[0]
+        return f"tcp:{host}:{port}"
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """End every stream with a final message, then stop serving."""
+        await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.manager.shutdown()
+        await self.server.stop(grace_s)
+        self.store.close()
+
+
+async def _set_health(servicer: Any, status: int) -> None:
+    for name in ("", _SERVICE_NAME):
+        await servicer.set(name, status)
+
+
+async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM."""
+    daemon = Daemon(settings)
+    address = await daemon.start()
+    log.info("writewatchd listening on %s", address)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await daemon.stop()

@@ -1,0 +1,332 @@
+"""The ``writewatch.v1.WriteWatch`` gRPC service: request validation and status codes.
+
+Domain exceptions become gRPC statuses in one place, :func:`_status_for`; a handler never
+leaks a traceback to a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
+from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
+from writewatch.regions import encode_regions
+
+from .. import __version__
+from .._exceptions import (
+    AccessDenied,
+    FeatureUnavailable,
+    InjectionRefused,
+    KernelError,
+    LimitExceeded,
+    NotRegistered,
+    ProcessGone,
+    RangeBusy,
+    SessionEnded,
+    SessionNotFound,
+    UsageError,
+    WriteWatchError,
+)
+from ..kernel import PAGE_SIZE
+from ..kernel.probe import probe
+from .hub import SessionEnd
+from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
+from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
+
+__all__ = ["WriteWatchServicer", "generic_handler"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
+    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (ProcessGone, grpc.StatusCode.NOT_FOUND),
+    (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SessionEnded, grpc.StatusCode.FAILED_PRECONDITION),
+    (InjectionRefused, grpc.StatusCode.FAILED_PRECONDITION),
+    (FeatureUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
+    (RangeBusy, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotRegistered, grpc.StatusCode.FAILED_PRECONDITION),
+    (KernelError, grpc.StatusCode.FAILED_PRECONDITION),
+    (ImportError, grpc.StatusCode.UNIMPLEMENTED),
+]
+_MAX_TICK_INTERVAL_MS = 3_600_000
+
+
+def _status_for(exc: BaseException) -> grpc.StatusCode:
+    for cls, code in _STATUS:
+        if isinstance(exc, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _rpc(
+    method: Callable[..., Awaitable[_T]],
+) -> Callable[..., Awaitable[_T]]:
+    """Map domain exceptions of a unary handler to a status with a precise message."""
+
+    @functools.wraps(method)
+    async def wrapper(self: WriteWatchServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
+        try:
+            return await method(self, request, context)
+        except (WriteWatchError, ImportError) as exc:
+            await context.abort(_status_for(exc), str(exc))
+        except Exception as exc:
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _require_id(session_id: str) -> str:
+    if not session_id:
+        raise UsageError("session_id is required")
+    return session_id
+
+
+class WriteWatchServicer(pb_grpc.WriteWatchServicer):
+    """gRPC adapter over the :class:`SessionManager`."""
+
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    def _session(self, session_id: str) -> ManagedSession:
+        return self._manager.get(_require_id(session_id))
+
+    @_rpc
+    async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
+        mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
+        if request.tick_interval_ms > _MAX_TICK_INTERVAL_MS:
+            raise UsageError(f"tick_interval_ms must be <= {_MAX_TICK_INTERVAL_MS}")
+        if mode != AttachMode.SPAWN and request.argv:
+            raise UsageError("argv is only for attach_mode SPAWN")
+        if mode == AttachMode.SPAWN and request.pid:
+            raise UsageError("pid must be 0 for attach_mode SPAWN; the daemon starts the process")
+        if mode != AttachMode.COOPERATIVE and request.HasField("uffd_fd"):
+            raise UsageError("uffd_fd is only for attach_mode COOPERATIVE")
+        spec = SessionSpec(
+            attach_mode=mode,
+            pid=request.pid,
+            uffd_fd=request.uffd_fd if request.HasField("uffd_fd") else None,
+            argv=tuple(request.argv),
+            env=dict(request.env) or None,
+            cwd=request.cwd or None,
+            ranges=tuple((int(s), int(e)) for s, e in ranges_from_message(request.ranges).tolist()),
+            auto_ranges=request.auto_ranges,
+            tick_interval_ms=request.tick_interval_ms,
+            labels=dict(request.labels),
+        )
+        session = await self._manager.create(spec)
+        return session_message(session)
+
+    @_rpc
+    async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
+        return session_message(self._session(request.session_id))
+
+    @_rpc
+    async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
+        sessions = self._manager.sessions()
+        start = 0
+        if request.page_token:
+            ids = [s.session_id for s in sessions]
+            if request.page_token not in ids:
+                raise UsageError("page_token is not valid")
+            start = ids.index(request.page_token)
+        page_size = request.page_size or 1000
+        page = sessions[start : start + page_size]
+        following = sessions[start + page_size : start + page_size + 1]
+        return pb.ListSessionsResponse(
+            sessions=[session_message(s) for s in page],
+            next_page_token=following[0].session_id if following else "",
+        )
+
+    @_rpc
+    async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
+        await self._manager.delete(_require_id(request.session_id))
+        return pb.DeleteSessionResponse()
+
+    @_rpc
+    async def AddRanges(self, request: pb.AddRangesRequest, context: Any) -> pb.Session:
+        session = self._session(request.session_id)
+        await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=True)
+        return session_message(session)
+
+    @_rpc
+    async def RemoveRanges(self, request: pb.RemoveRangesRequest, context: Any) -> pb.Session:
+        session = self._session(request.session_id)
+        await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=False)
+        return session_message(session)
+
+    async def Subscribe(self, request: pb.SubscribeRequest, context: Any) -> None:  # type: ignore[override]
+        """Stream deltas with ``context.write`` so a blocked stream can be detected and evicted."""
+        try:
+            session = self._session(request.session_id)
+            if request.HasField("resume_epoch") != request.HasField("resume_seq"):
+                raise UsageError("resume_epoch and resume_seq go together")
+            resume = (request.resume_epoch, request.resume_seq) if request.HasField("resume_epoch") else None
+            filter_ranges = ranges_from_message(request.filter_ranges) if request.filter_ranges else None
+            subscriber = session.subscribe(resume, filter_ranges)
+        except WriteWatchError as exc:
+            await context.abort(_status_for(exc), str(exc))
+            return
+        evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
+        try:
+            while True:
+                item = await subscriber.next()
+                if isinstance(item, SessionEnd):
+                    await context.write(ended_frame(item))
+                    return
+                for frame in item.frames:
+                    try:
+                        await asyncio.wait_for(context.write(frame), evict_after_s)
+                    except TimeoutError:
+                        message = f"evicted: the subscriber did not read for {evict_after_s:g} s"
+                        session.hub.evict(subscriber, message)
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+                        return
+        finally:
+            subscriber.close()
+
+    @_rpc
+    async def Harvest(self, request: pb.HarvestRequest, context: Any) -> pb.HarvestResponse:
+        session = self._session(request.session_id)
+        delta = await session.harvest_now()
+        if delta is None:
+            if not session.active:
+                raise SessionEnded(f"session {session.session_id} has ended: {session.record.end_message}")
+            return pb.HarvestResponse()
+        return pb.HarvestResponse(delta=delta_message(session.session_id, delta))
+
+    @_rpc
+    async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResponse:
+        session = self._session(request.session_id)
+        if not session.active:
+            raise SessionEnded(f"session {session.session_id} has ended")
+        if request.end_address <= request.start_address:
+            raise UsageError("end_address must be > start_address")
+        result = await asyncio.get_running_loop().run_in_executor(
+            self._manager.executor,
+            functools.partial(
+                session.tracker.scan,
+                request.start_address,
+                request.end_address,
+                category_mask=request.category_mask,
+                category_anyof_mask=request.category_anyof_mask,
+                category_inverted=request.category_inverted,
+                return_mask=request.return_mask,
+                max_pages=request.max_pages,
+            ),
+        )
+        return pb.ScanResponse(
+            regions=encode_regions(result.regions[:, :2], page_size_bytes=PAGE_SIZE),
+            categories=categories_bytes(result.regions[:, 2]),
+            complete=result.complete,
+            resume_address=result.resume_at,
+        )
+
+    @_rpc
+    async def GetWriteWatch(self, request: pb.GetWriteWatchRequest, context: Any) -> pb.GetWriteWatchResponse:
+        session = self._session(request.session_id)
+        result = await session.get_write_watch(
+            request.view_id,
+            request.base_address,
+            request.size_bytes,
+            max_count=request.max_count,
+            flags=request.flags,
+        )
+        return pb.GetWriteWatchResponse(addresses=result.addresses, granularity_bytes=result.granularity)
+
+    @_rpc
+    async def ResetWriteWatch(self, request: pb.ResetWriteWatchRequest, context: Any) -> pb.ResetWriteWatchResponse:
+        session = self._session(request.session_id)
+        await session.reset_write_watch(request.view_id, request.base_address, request.size_bytes)
+        return pb.ResetWriteWatchResponse()
+
+    @_rpc
+    async def GetDirtyRate(self, request: pb.GetDirtyRateRequest, context: Any) -> pb.DirtyRate:
+        session = self._session(request.session_id)
+        rate = session.dirty_rate()
+        return pb.DirtyRate(
+            session_id=session.session_id,
+            pages_per_second=rate.pages_per_second,
+            bytes_per_second=rate.bytes_per_second,
+            regions_per_second=rate.regions_per_second,
+            window_ms=rate.window_ms,
+        )
+
+    @_rpc
+    async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: Any) -> pb.Capabilities:
+        caps = await asyncio.get_running_loop().run_in_executor(self._manager.executor, probe)
+        return capabilities_message(caps, __version__)
+
+
+def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
+    if request.HasField("uffd_fd"):
+        return AttachMode.COOPERATIVE
+    if request.argv:
+        return AttachMode.SPAWN
+    return AttachMode.INJECT
+
+
+def session_message(session: ManagedSession) -> pb.Session:
+    """A ``Session`` snapshot."""
+    record = session.record
+    stats = session.tracker.statistics
+    tracked: list[list[int]] = session.tracker.tracked.tolist() if session.active else []
+    return pb.Session(
+        session_id=record.session_id,
+        pid=record.pid,
+        process_start_time_ticks=record.start_time_ticks,
+        attach_mode=record.attach_mode,  # type: ignore[arg-type]
+        state=pb.SESSION_STATE_ACTIVE if session.active else pb.SESSION_STATE_ENDED,
+        end_reason=record.end_reason,  # type: ignore[arg-type]
+        end_message=record.end_message,
+        ranges=[pb.AddressRange(start_address=int(s), end_address=int(e)) for s, e in tracked],
+        auto_ranges=record.auto_ranges,
+        tick_interval_ms=record.tick_interval_ms,
+        labels=record.labels,
+        epoch=session.hub.epoch,
+        last_seq=session.hub.last_seq,
+        created_at_unix_ns=record.created_at_unix_ns,
+        statistics=pb.SessionStatistics(
+            n_harvests=stats.n_harvests,
+            last_harvest_ns=stats.last_harvest_ns,
+            total_harvest_ns=stats.total_harvest_ns,
+            n_regions=stats.n_regions,
+            n_pages=stats.n_pages,
+            n_subscribers=session.hub.n_subscribers,
+            n_views=len(session.views),
+        ),
+        n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
+    )
+
+
+def _serialize(message: Any) -> bytes:
+    # Deltas arrive already serialized (once for every stream); everything else is a message.
+    return message if isinstance(message, bytes) else message.SerializeToString()
+
+
+def generic_handler(servicer: WriteWatchServicer) -> grpc.GenericRpcHandler[Any, Any]:
+    """The service's handler, with a pass-through serializer for pre-serialized stream frames."""
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+    service = pb.DESCRIPTOR.services_by_name["WriteWatch"]
+    for method in service.methods:
+        request_class = getattr(pb, method.input_type.name)
+        implementation = getattr(servicer, method.name)
+        if method.server_streaming:
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                implementation, request_deserializer=request_class.FromString, response_serializer=_serialize
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                implementation, request_deserializer=request_class.FromString, response_serializer=_serialize
+            )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)

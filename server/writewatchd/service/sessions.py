@@ -1,0 +1,418 @@
+"""Sessions: one tracked process each, with its harvester task, hub and views.
+
+A session's harvester is one asyncio task; each harvest (kernel scan plus delta encoding)
+runs in the thread pool, so the event loop never blocks on the kernel. An asyncio lock
+serialises tick and on-demand harvests, which keeps delta numbers in publication order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .._exceptions import (
+    LimitExceeded,
+    ProcessGone,
+    SessionEnded,
+    SessionNotFound,
+    UsageError,
+)
+from ..kernel import PAGE_SIZE, ProcessIdentity, Userfaultfd, read_status
+from ..tracking.delta import Delta
+from ..tracking.rate import DirtyRate, RateEstimator
+from ..tracking.regions import RegionArray, as_regions
+from ..tracking.tracker import Tracker
+from ..tracking.views import View
+from ..tracking.writewatch import WriteWatchResult
+from .hub import EndReason, Hub, Published, SessionEnd, Subscriber
+from .settings import Settings
+from .store import SessionRecord, StateStore
+
+__all__ = ["AttachMode", "ManagedSession", "SessionManager", "SessionSpec"]
+
+log = logging.getLogger(__name__)
+
+Encoder = Callable[[str, Delta], Sequence[bytes]]
+
+
+class AttachMode(enum.IntEnum):
+    """How the daemon obtained the target's userfaultfd (values match ``writewatch.v1.AttachMode``)."""
+
+    COOPERATIVE = 1
+    INJECT = 2
+    SPAWN = 3
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A validated request for a new session."""
+
+    attach_mode: AttachMode
+    pid: int = 0
+    uffd_fd: int | None = None
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    ranges: tuple[tuple[int, int], ...] = ()
+    auto_ranges: bool = False
+    tick_interval_ms: int = 0
+    labels: dict[str, str] | None = None
+
+
+class ManagedSession:
+    """A tracked process inside the daemon."""
+
+    def __init__(
+        self,
+        record: SessionRecord,
+        tracker: Tracker,
+        manager: SessionManager,
+        *,
+        spawned: Any = None,
+    ) -> None:
+        settings = manager.settings
+        self.record = record
+        self.tracker = tracker
+        self.views: dict[str, View] = {}
+        self.rate = RateEstimator(page_size_bytes=PAGE_SIZE)
+        self.hub = Hub(
+            lambda delta: manager.encode(record.session_id, delta),
+            epoch=record.epoch,
+            max_queued=settings.subscriber_queue_deltas,
+            history_max_deltas=settings.history_max_deltas,
+            history_max_bytes=settings.history_max_bytes,
+        )
+        self._manager = manager
+        self._spawned = spawned
+        self._harvest_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def session_id(self) -> str:
+        """The session's id."""
+        return self.record.session_id
+
+    @property
+    def active(self) -> bool:
+        """Whether the session still tracks its process."""
+        return self.record.state == "ACTIVE"
+
+    @property
+    def end(self) -> SessionEnd | None:
+        """Why the session ended, once it has."""
+        return self.hub.end
+
+    def start(self) -> None:
+        """Start the harvester task."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"harvest-{self.session_id}")
+
+    async def harvest_now(self) -> Delta | None:
+        """Harvest at once, publish to every consumer, and return the delta (``None`` if nothing was written)."""
+        if not self.active:
+            raise SessionEnded(f"session {self.session_id} has ended")
+        async with self._harvest_lock:
+            if not self.active:
+                raise SessionEnded(f"session {self.session_id} has ended")
+            loop = asyncio.get_running_loop()
+            try:
+                published = await loop.run_in_executor(self._manager.executor, self._harvest_in_thread)
+            except ProcessGone as exc:
+                await self.finish(EndReason.EXITED, f"process {self.record.pid} exited ({exc})")
+                return None
+            if published is None:
+                return None
+            delta = self.hub.publish(published)
+            for view in self.views.values():
+                view.add(delta.regions)
+            return delta
+
+    def _harvest_in_thread(self) -> Published | None:
+        regions = self.tracker.harvest()
+        if len(regions) == 0 and not self.tracker.identity.is_alive():
+            raise ProcessGone(3, "the process is gone")
+        self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
+        return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
+
+    async def _run(self) -> None:
+        interval_s = self.record.tick_interval_ms / 1000
+        next_tick = time.monotonic()
+        while self.active:
+            next_tick += interval_s
+            try:
+                await self.harvest_now()
+            except SessionEnded:
+                return
+            except Exception as exc:  # a harvester must never die silently
+                log.exception("harvest of session %s failed", self.session_id)
+                await self.finish(EndReason.ERROR, f"harvest failed: {exc}")
+                return
+            self._reap()
+            delay = next_tick - time.monotonic()
+            if delay < 0:
+                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+                delay = 0
+            await asyncio.sleep(delay)
+
+    def _reap(self) -> None:
+        if self._spawned is not None:
+            self._spawned.poll()
+
+    def view(self, name: str) -> View:
+        """The view named ``name``, created empty on first use."""
+        if not name:
+            raise UsageError("view_id must not be empty")
+        view = self.views.get(name)
+        if view is None:
+            view = self.views[name] = View(name)
+        return view
+
+    async def get_write_watch(
+        self, view_id: str, address: int, size_bytes: int, *, max_count: int, flags: int
+    ) -> WriteWatchResult:
+        """Win32 ``GetWriteWatch`` on one view, after a harvest (so it sees writes up to the call)."""
+        view = self.view(view_id)
+        if self.active:
+            await self.harvest_now()
+        return view.get_write_watch(self.tracker.tracked, address, size_bytes, max_count=max_count, flags=flags)
+
+    async def reset_write_watch(self, view_id: str, address: int, size_bytes: int) -> None:
+        """Win32 ``ResetWriteWatch`` on one view, after a harvest."""
+        view = self.view(view_id)
+        if self.active:
+            await self.harvest_now()
+        view.reset_write_watch(self.tracker.tracked, address, size_bytes)
+
+    def subscribe(self, resume: tuple[int, int] | None, filter_ranges: RegionArray | None) -> Subscriber:
+        """A new subscriber (see :meth:`Hub.subscribe`)."""
+        if self.active and self.hub.n_subscribers >= self._manager.settings.max_subscribers_per_session:
+            raise LimitExceeded(f"session {self.session_id} already has {self.hub.n_subscribers} subscribers")
+        return self.hub.subscribe(self.tracker.tracked, resume=resume, filter_ranges=filter_ranges)
+
+    def dirty_rate(self) -> DirtyRate:
+        """Written pages/bytes/regions per second over the last second."""
+        return self.rate.rate()
+
+    async def change_ranges(self, ranges: Sequence[tuple[int, int]], *, add: bool) -> None:
+        """Track more explicit ranges, or stop tracking some."""
+        if not self.active:
+            raise SessionEnded(f"session {self.session_id} has ended")
+        if not ranges:
+            raise UsageError("no ranges given")
+        async with self._harvest_lock:
+            loop = asyncio.get_running_loop()
+            change = self.tracker.add_ranges if add else self.tracker.remove_ranges
+            await loop.run_in_executor(self._manager.executor, change, as_regions(ranges))
+            self.record.ranges = [(int(s), int(e)) for s, e in self.tracker.tracked.tolist()]
+        await self._manager.persist(self.record)
+
+    async def finish(self, reason: EndReason, message: str) -> None:
+        """End the session: streams get their final message, the kernel resources are released."""
+        if not self.active:
+            return
+        self.record.state = "ENDED"
+        self.record.end_reason = int(reason)
+        self.record.end_message = message
+        self.hub.finish(reason, message)
+        task = self._task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
+        self._reap()
+        await self._manager.persist(self.record)
+
+
+class SessionManager:
+    """Every session of the daemon, and the thread pool their harvests run in."""
+
+    def __init__(self, settings: Settings, store: StateStore, encode: Encoder) -> None:
+        self.settings = settings
+        self.store = store
+        self.encode = encode
+        self.executor = ThreadPoolExecutor(settings.harvest_threads, thread_name_prefix="harvest")
+        self._sessions: dict[str, ManagedSession] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def get(self, session_id: str) -> ManagedSession:
+        """The session ``session_id``; raises :class:`SessionNotFound`."""
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise SessionNotFound(f"no session {session_id!r}")
+        return session
+
+    def sessions(self) -> list[ManagedSession]:
+        """All sessions, oldest first."""
+        return sorted(self._sessions.values(), key=lambda s: s.record.created_at_unix_ns)
+
+    async def persist(self, record: SessionRecord) -> None:
+        """Write one record to the state store (off the event loop)."""
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.store.put, record)
+
+    async def create(self, spec: SessionSpec) -> ManagedSession:
+        """Attach to (or spawn) the target, start tracking, publish the epoch's first RESYNC."""
+        active = sum(1 for s in self._sessions.values() if s.active)
+        if active >= self.settings.max_sessions:
+            raise LimitExceeded(f"the daemon already tracks {active} sessions (max_sessions)")
+        tick_ms = self._tick_interval(spec.tick_interval_ms)
+        if len(spec.ranges) > self.settings.max_ranges_per_session:
+            raise LimitExceeded(f"{len(spec.ranges)} ranges exceed max_ranges_per_session")
+        if not spec.auto_ranges and not spec.ranges:
+            raise UsageError("give ranges, or auto_ranges=true")
+        loop = asyncio.get_running_loop()
+        pid, uffd, spawned = await loop.run_in_executor(self.executor, self._obtain_uffd, spec)
+        try:
+            identity = ProcessIdentity.of(pid)
+            tracker = await loop.run_in_executor(
+                self.executor,
+                functools.partial(Tracker, identity, uffd, ranges=spec.ranges, auto=spec.auto_ranges),
+            )
+        except BaseException:
+            uffd.close()
+            if spawned is not None:
+                spawned.kill()
+            raise
+        record = SessionRecord(
+            session_id=_new_session_id(),
+            pid=pid,
+            start_time_ticks=identity.start_time_ticks,
+            attach_mode=int(spec.attach_mode),
+            created_at_unix_ns=time.time_ns(),
+            ranges=[(int(s), int(e)) for s, e in as_regions(spec.ranges).tolist()],
+            auto_ranges=spec.auto_ranges,
+            tick_interval_ms=tick_ms,
+            labels=dict(spec.labels or {}),
+            uffd_fd=spec.uffd_fd,
+            argv=list(spec.argv),
+            epoch=time.time_ns(),
+        )
+        session = ManagedSession(record, tracker, self, spawned=spawned)
+        self._sessions[record.session_id] = session
+        await self.persist(record)
+        await session.harvest_now()
+        session.start()
+        return session
+
+    async def readopt(self) -> tuple[list[ManagedSession], list[SessionRecord]]:
+        """Re-adopt the live sessions of a previous daemon; record the dead ones as EXITED.
+
+        Each re-adopted session starts a new epoch whose first delta is a RESYNC.
+        """
+        adopted: list[ManagedSession] = []
+        dead: list[SessionRecord] = []
+        loop = asyncio.get_running_loop()
+        for record in self.store.load("ACTIVE"):
+            identity = ProcessIdentity(record.pid, record.start_time_ticks)
+            if not identity.is_alive():
+                record.state = "ENDED"
+                record.end_reason = int(EndReason.EXITED)
+                record.end_message = "the process exited while the daemon was down"
+                await self.persist(record)
+                dead.append(record)
+                continue
+            try:
+                uffd = await loop.run_in_executor(self.executor, self._reobtain_uffd, record)
+                tracker = await loop.run_in_executor(
+                    self.executor,
+                    functools.partial(Tracker, identity, uffd, ranges=record.ranges, auto=record.auto_ranges),
+                )
+            except Exception as exc:
+                log.warning("could not re-adopt session %s (pid %d): %s", record.session_id, record.pid, exc)
+                record.state = "ENDED"
+                record.end_reason = int(EndReason.ERROR)
+                record.end_message = f"re-adoption failed: {exc}"
+                await self.persist(record)
+                dead.append(record)
+                continue
+            record.epoch = time.time_ns()
+            session = ManagedSession(record, tracker, self)
+            self._sessions[record.session_id] = session
+            await self.persist(record)
+            await session.harvest_now()
+            session.start()
+            adopted.append(session)
+        return adopted, dead
+
+    async def delete(self, session_id: str) -> None:
+        """End a session (reason DELETED), release everything, and forget it."""
+        session = self.get(session_id)
+        await session.finish(EndReason.DELETED, "the session was deleted")
+        del self._sessions[session_id]
+        await loop_run(self.executor, self.store.delete, session_id)
+
+    async def shutdown(self) -> None:
+        """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
+        for session in list(self._sessions.values()):
+            if session.active:
+                session.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
+                task = session._task
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                session.tracker.close()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def _tick_interval(self, requested_ms: int) -> int:
+        if requested_ms == 0:
+            return self.settings.default_tick_interval_ms
+        if requested_ms < self.settings.min_tick_interval_ms:
+            raise UsageError(
+                f"tick_interval_ms {requested_ms} is below the minimum {self.settings.min_tick_interval_ms}"
+            )
+        return requested_ms
+
+    def _obtain_uffd(self, spec: SessionSpec) -> tuple[int, Userfaultfd, Any]:
+        if spec.attach_mode == AttachMode.COOPERATIVE:
+            if spec.uffd_fd is None or spec.uffd_fd < 0:
+                raise UsageError("cooperative attach needs uffd_fd, the target's userfaultfd fd number")
+            _check_pid(spec.pid)
+            return spec.pid, Userfaultfd.from_process(spec.pid, spec.uffd_fd), None
+        if spec.attach_mode == AttachMode.INJECT:
+            _check_pid(spec.pid)
+            from ..kernel.inject import inject_userfaultfd
+
+            result = inject_userfaultfd(spec.pid, deadline_s=self.settings.inject_deadline_ms / 1000)
+            return spec.pid, result.uffd, None
+        if spec.attach_mode == AttachMode.SPAWN:
+            if not spec.argv:
+                raise UsageError("spawn needs argv")
+            from ..kernel.spawn import spawn_tracked
+
+            spawned = spawn_tracked(list(spec.argv), env=spec.env, cwd=spec.cwd)
+            return spawned.pid, spawned.uffd, spawned
+        raise UsageError(f"unknown attach mode {spec.attach_mode}")
+
+    def _reobtain_uffd(self, record: SessionRecord) -> Userfaultfd:
+        if record.attach_mode == AttachMode.COOPERATIVE and record.uffd_fd is not None:
+            return Userfaultfd.from_process(record.pid, record.uffd_fd)
+        from ..kernel.inject import inject_userfaultfd
+
+        return inject_userfaultfd(record.pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
+
+
+async def loop_run(executor: ThreadPoolExecutor, func: Callable[..., Any], *args: Any) -> Any:
+    """Run a blocking call in ``executor`` from the event loop."""
+    return await asyncio.get_running_loop().run_in_executor(executor, func, *args)
+
+
+def _check_pid(pid: int) -> None:
+    if pid <= 0:
+        raise UsageError(f"pid must be > 0, got {pid}")
+    try:
+        read_status(pid)
+    except ProcessGone:
+        raise ProcessGone(3, f"process {pid} does not exist") from None
+
+
+def _new_session_id() -> str:
+    return f"s-{secrets.token_hex(6)}"

@@ -1,0 +1,77 @@
+"""The state store: sessions survive a daemon restart in SQLite (``state_dir/state.db``)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["SessionRecord", "StateStore"]
+
+
+@dataclass(slots=True)
+class SessionRecord:
+    """What a restarted daemon needs to re-adopt a session."""
+
+    session_id: str
+    pid: int
+    start_time_ticks: int
+    attach_mode: int
+    created_at_unix_ns: int
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    auto_ranges: bool = False
+    tick_interval_ms: int = 50
+    labels: dict[str, str] = field(default_factory=dict)
+    uffd_fd: int | None = None
+    argv: list[str] = field(default_factory=list)
+    state: str = "ACTIVE"
+    end_reason: int = 0
+    end_message: str = ""
+    epoch: int = 0
+
+
+class StateStore:
+    """A small SQLite table of :class:`SessionRecord`; thread-safe, each write is one transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS sessions (id TEXT PRIMARY KEY, state TEXT, record TEXT)")
+
+    def put(self, record: SessionRecord) -> None:
+        """Insert or replace one session."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO sessions (id, state, record) VALUES (?, ?, ?)",
+                (record.session_id, record.state, json.dumps(asdict(record))),
+            )
+
+    def load(self, state: str | None = None) -> list[SessionRecord]:
+        """Every session (optionally only those in ``state``), oldest first."""
+        with self._lock:
+            if state is None:
+                rows = self._db.execute("SELECT record FROM sessions").fetchall()
+            else:
+                rows = self._db.execute("SELECT record FROM sessions WHERE state = ?", (state,)).fetchall()
+        records = []
+        for (text,) in rows:
+            data = json.loads(text)
+            data["ranges"] = [tuple(pair) for pair in data["ranges"]]
+            records.append(SessionRecord(**data))
+        return sorted(records, key=lambda r: r.created_at_unix_ns)
+
+    def delete(self, session_id: str) -> None:
+        """Forget one session."""
+        with self._lock:
+            self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()

@@ -1,0 +1,91 @@
+"""Core objects to ``writewatch.v1`` messages. The only module that knows both sides."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
+from writewatch.regions import encode_regions, split_regions
+
+from ..kernel import PAGE_SIZE
+from ..kernel.probe import Capabilities
+from ..tracking.delta import Delta
+from ..tracking.regions import RegionArray, as_regions
+from .hub import SessionEnd
+
+__all__ = [
+    "capabilities_message",
+    "delta_frames",
+    "delta_message",
+    "ended_frame",
+    "ranges_from_message",
+]
+
+
+def delta_message(
+    session_id: str, delta: Delta, regions: RegionArray | None = None, index: int = 0, count: int = 1
+) -> pb.Delta:
+    """One ``Delta`` message (fragment ``index`` of ``count``) carrying ``regions``."""
+    return pb.Delta(
+        session_id=session_id,
+        epoch=delta.epoch,
+        seq=delta.seq,
+        first_seq=delta.first_seq,
+        resync=delta.resync,
+        harvested_at_unix_ns=delta.harvested_at_unix_ns,
+        regions=encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE),
+        fragment_index=index,
+        n_fragments=count,
+        n_regions=delta.n_regions,
+        n_pages=delta.n_pages,
+    )
+
+
+def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
+    """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
+    chunks = split_regions(delta.regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
+    return [
+        pb.SubscribeResponse(delta=delta_message(session_id, delta, chunk, i, len(chunks))).SerializeToString()
+        for i, chunk in enumerate(chunks)
+    ]
+
+
+def ended_frame(end: SessionEnd) -> bytes:
+    """The final ``SubscribeResponse`` of a stream."""
+    return pb.SubscribeResponse(
+        session_ended=pb.SessionEnded(reason=int(end.reason), message=end.message)  # type: ignore[arg-type]
+    ).SerializeToString()
+
+
+def ranges_from_message(ranges: Sequence[pb.AddressRange]) -> RegionArray:
+    """``AddressRange`` messages as an ``(n, 2)`` array, unsorted, as given."""
+    return as_regions([(r.start_address, r.end_address) for r in ranges])
+
+
+def capabilities_message(caps: Capabilities, daemon_version: str) -> pb.Capabilities:
+    """The kernel probe as a ``Capabilities`` message."""
+
+    def fix(value: bool | None) -> int:
+        if value is None:
+            return pb.FIX_STATUS_UNKNOWN
+        return pb.FIX_STATUS_FIXED if value else pb.FIX_STATUS_BROKEN
+
+    return pb.Capabilities(
+        kernel_version=caps.kernel_release,
+        pagemap_scan=caps.pagemap_scan,
+        supported_category_mask=int(caps.categories),
+        uffd_features=int(caps.uffd_features),
+        wp_async=caps.wp_async,
+        unpopulated_pte_fix=fix(caps.fix_unpopulated_written),  # type: ignore[arg-type]
+        pmd_hole_fix=fix(caps.fix_pmd_hole_written),  # type: ignore[arg-type]
+        soft_dirty=bool(caps.soft_dirty),
+        is_root=caps.euid == 0,
+        daemon_version=daemon_version,
+        page_size_bytes=PAGE_SIZE,
+    )
+
+
+def categories_bytes(categories: np.ndarray) -> bytes:
+    """Scan categories as packed little-endian u64."""
+    return np.ascontiguousarray(categories, dtype="<u8").tobytes()

@@ -1,0 +1,81 @@
+"""Real target processes for tests: the cooperative C target, driven line by line over pipes."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+from conftest import build_c
+
+PAGE = 4096
+
+
+class CoopTarget:
+    """tests/fixtures/coop_target.c: creates its own userfaultfd and writes pages on command."""
+
+    def __init__(self, n_pages: int = 256, *, binary: Path | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [str(binary or build_c("coop_target")), str(n_pages)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        header = dict(kv.split("=") for kv in self.proc.stdout.readline().split())
+        self.pid = int(header["pid"])
+        self.uffd_fd = int(header["uffd"])
+        self.base = int(header["base"], 16)
+        self.n_pages = int(header["pages"])
+        self.end = self.base + self.n_pages * PAGE
+
+    def command(self, line: str) -> str:
+        """Send one command and return its answer line."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer = self.proc.stdout.readline().strip()
+        assert answer.startswith("ok"), f"{line!r} -> {answer!r}"
+        return answer
+
+    def write(self, page: int, n_pages: int = 1) -> None:
+        """User-mode stores into pages ``page .. page + n_pages - 1``."""
+        self.command(f"w {page} {n_pages}")
+
+    def kernel_write(self, page: int) -> None:
+        """A kernel-mode write (read() from /dev/zero) into ``page``."""
+        self.command(f"k {page}")
+
+    def read(self, page: int) -> None:
+        """A plain read of ``page``."""
+        self.command(f"r {page}")
+
+    def random_writes(self, seed: int, n_writes: int) -> set[int]:
+        """``n_writes`` pseudo-random user- and kernel-mode writes; returns the pages written."""
+        return {int(p) for p in self.command(f"rand {seed} {n_writes}").split()[1:]}
+
+    def pages(self, regions: np.ndarray) -> set[int]:
+        """Page indices (relative to the buffer) inside byte-address ``regions``."""
+        return {
+            (address - self.base) // PAGE
+            for start, end in regions.tolist()
+            for address in range(start, end, PAGE)
+            if self.base <= address < self.end
+        }
+
+    def exit(self) -> None:
+        """Ask the target to exit and reap it."""
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            try:
+                self.proc.stdin.write("x\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        """Kill and reap."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(5)

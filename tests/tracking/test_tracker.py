@@ -1,0 +1,101 @@
+"""Tracker against a real cooperative target: exact, lossless, and ends when the target exits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from targets import PAGE, CoopTarget
+from writewatchd import InvalidRange, ProcessGone, UsageError
+from writewatchd.kernel import ProcessIdentity, Userfaultfd
+from writewatchd.tracking.regions import as_regions
+from writewatchd.tracking.tracker import Tracker
+
+
+@pytest.fixture
+def target() -> Iterator[CoopTarget]:
+    t = CoopTarget(128)
+    yield t
+    t.kill()
+
+
+def _tracker(target: CoopTarget, **kwargs: object) -> Tracker:
+    uffd = Userfaultfd.from_process(target.pid, target.uffd_fd)
+    ranges = kwargs.pop("ranges", [(target.base, target.end)])
+    return Tracker(ProcessIdentity.of(target.pid), uffd, ranges=ranges, **kwargs)  # type: ignore[arg-type]
+
+
+def test_first_harvest_reports_every_tracked_page_then_nothing(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    assert tracker.harvest().tolist() == [[target.base, target.end]]
+    assert len(tracker.harvest()) == 0
+
+
+def test_user_and_kernel_writes_reported_reads_never(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    target.write(3, 2)
+    target.kernel_write(40)
+    target.read(90)
+    assert target.pages(tracker.harvest()) == {3, 4, 40}
+    assert len(tracker.harvest()) == 0
+
+
+def test_random_writes_exact_over_many_harvests(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    for seed in range(1, 30):
+        written = target.random_writes(seed, 25)
+        assert target.pages(tracker.harvest()) == written
+
+
+def test_add_and_remove_ranges(target: CoopTarget) -> None:
+    half = target.base + 64 * PAGE
+    tracker = _tracker(target, ranges=[(target.base, half)])
+    tracker.harvest()
+    target.write(100)
+    assert len(tracker.harvest()) == 0
+    tracker.add_ranges(as_regions([(half, target.end)]))
+    assert tracker.harvest().tolist() == [[half, target.end]]  # new range starts all written
+    target.write(100)
+    target.write(1)
+    assert target.pages(tracker.harvest()) == {1, 100}
+    tracker.remove_ranges(as_regions([(half, target.end)]))
+    target.write(100)
+    assert len(tracker.harvest()) == 0
+    with pytest.raises(InvalidRange):
+        tracker.remove_ranges(as_regions([(half, target.end)]))
+    with pytest.raises(InvalidRange):
+        tracker.add_ranges(as_regions([(target.base, target.base + PAGE)]))
+
+
+@pytest.mark.parametrize(
+    ("ranges", "error"),
+    [
+        ([(1, PAGE)], InvalidRange),
+        ([(PAGE, PAGE)], InvalidRange),
+        ([(0, 2 * PAGE), (PAGE, 3 * PAGE)], InvalidRange),
+        ([], UsageError),
+    ],
+)
+def test_bad_ranges_are_refused(target: CoopTarget, ranges: list[tuple[int, int]], error: type[Exception]) -> None:
+    shifted = [(target.base + s, target.base + e) for s, e in ranges]
+    with pytest.raises(error):
+        _tracker(target, ranges=shifted)
+
+
+def test_auto_ranges_track_the_buffer_and_new_mappings(target: CoopTarget) -> None:
+    tracker = _tracker(target, ranges=[], auto=True)
+    tracked = tracker.tracked
+    assert any(s <= target.base and target.end <= e for s, e in tracked.tolist())
+    tracker.harvest()
+    target.write(7)
+    assert 7 in target.pages(tracker.harvest())
+
+
+def test_target_exit_raises_process_gone(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    target.exit()
+    with pytest.raises(ProcessGone):
+        tracker.harvest()
