@@ -4,6 +4,7 @@ Nothing here knows about sessions or transports; errno becomes a domain exceptio
 (:mod:`writewatchd._exceptions`) at one boundary, ``_libc.raise_errno``.
 """
 
+from .inject import InjectionResult, inject_userfaultfd
 from .pagemap import (
     ALL_CATEGORIES,
     PAGE_SIZE,
@@ -13,7 +14,6 @@ from .pagemap import (
     ScanFlag,
     ScanResult,
 )
-from .inject import InjectionResult, inject_userfaultfd
 from .pidfd import pidfd_getfd, pidfd_open
 from .procfs import Mapping, MappingPerm, ProcessIdentity, ProcessStatus, read_maps, read_status, thread_ids
 from .spawn import SpawnedProcess, spawn_tracked
