@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
@@ -10,7 +11,7 @@ import numpy as np
 from ._exceptions import ProtocolError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import Delta, ScanResult, WriteWatchResult
-from .regions import DEFAULT_PAGE_SIZE_BYTES, Regions, decode_regions, empty_regions
+from .regions import DEFAULT_PAGE_SIZE_BYTES, Regions, decode_regions
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -102,11 +103,13 @@ class FragmentAssembler:
     def __init__(self) -> None:
         self._key: tuple[int, int] | None = None
         self._parts: list[Regions] = []
+        self._resync = False
 
     def reset(self) -> None:
         """Drop a partly received delta (its stream broke; the resumed stream resends it)."""
         self._key = None
         self._parts = []
+        self._resync = False
 
     def add(self, message: pb.Delta) -> Delta | None:
         """Add one fragment; returns the whole delta after its last fragment, else None."""
@@ -122,12 +125,14 @@ class FragmentAssembler:
             raise ProtocolError(f"delta {self._key} ended after {len(self._parts)} fragments, before its last")
         self._key = key
         self._parts.append(decode_regions(message.regions))
+        # Over-report rather than under-report: one fragment saying resync is enough.
+        self._resync |= message.resync
         if message.fragment_index + 1 < n_fragments:
             return None
-        parts = self._parts
+        parts, resync = self._parts, self._resync
         self.reset()
-        regions = parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else empty_regions()
-        return delta_from_pb(message, regions)
+        regions = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return dataclasses.replace(delta_from_pb(message, regions), resync=resync)
 
 
 def scan_result(response: pb.ScanResponse) -> ScanResult:
