@@ -11,6 +11,8 @@ import ctypes
 import errno
 import mmap
 import os
+import subprocess
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -419,3 +421,17 @@ def raw_pagemap_scan(fd: int, **fields: int) -> tuple[int, PmScanArg]:
     for name, value in fields.items():
         setattr(arg, name, value)
     return ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg)), arg
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A child ``sleep 60`` that has finished its exec; killed and reaped at teardown."""
+    process = subprocess.Popen(["sleep", "60"])
+    # Popen returns after fork; wait for the exec so /proc shows "sleep", not a copy of us.
+    for _ in range(1000):
+        if Path(f"/proc/{process.pid}/comm").read_text().strip() == "sleep":
+            break
+        time.sleep(0.005)
+    yield process
+    process.kill()
+    process.wait()

@@ -7,7 +7,7 @@ import errno
 import mmap
 import os
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from writewatchd import AccessDenied, FeatureUnavailable, InvalidRange, NotRegistered, ProcessGone, UsageError
@@ -255,14 +255,6 @@ class TestErrnoTable:
         tracked10.mem.write_all()
         assert tracked10.harvest() == set(range(10))
         assert tracked10.written() == set()
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(["sleep", "60"])
-    yield process
-    process.kill()
-    process.wait()
 
 
 class TestProcessErrors:

@@ -1,0 +1,117 @@
+"""/proc readers against real processes and real mappings."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+
+import pytest
+from writewatchd import ProcessGone
+from writewatchd.kernel import MappingPerm, ProcessIdentity, read_maps, read_status, thread_ids
+from writewatchd.kernel.procfs import parse_maps
+
+from .conftest import MemFactory, mprotect
+
+
+class TestMaps:
+    def test_own_mappings_with_exact_bounds_and_perms(self, make_mem: MemFactory) -> None:
+        mem = make_mem("anon", 8)
+        mprotect(mem.page(4), 4 * 4096, 1)  # PROT_READ on the second half
+        ours = [m for m in read_maps() if mem.addr <= m.start < mem.end]
+        assert [(m.start, m.end) for m in ours] == [(mem.addr, mem.page(4)), (mem.page(4), mem.end)]
+        assert ours[0].perms == MappingPerm.READ | MappingPerm.WRITE
+        assert ours[1].perms == MappingPerm.READ
+        assert ours[0].is_private_writable and not ours[1].is_private_writable
+        assert ours[0].length_bytes == 4 * 4096
+
+    def test_file_mapping_has_path_and_inode(self, make_mem: MemFactory) -> None:
+        mem = make_mem("file_private", 4)
+        (mapping,) = [m for m in read_maps() if m.start == mem.addr]
+        assert mapping.path.endswith("private-1.bin")
+        assert mapping.inode == os.stat(mapping.path).st_ino
+
+    def test_shared_mapping_is_not_private_writable(self, make_mem: MemFactory) -> None:
+        mem = make_mem("memfd", 2)
+        (mapping,) = [m for m in read_maps() if m.start == mem.addr]
+        assert MappingPerm.SHARED in mapping.perms
+        assert not mapping.is_private_writable
+        assert mapping.path.startswith("/memfd:wwconf-memfd")
+
+    def test_parse_maps_handles_paths_with_spaces_and_no_path(self) -> None:
+        text = (
+            "7f00-8f00 rw-p 00001000 08:01 42    /tmp/a file (deleted)\n"
+            "9000-a000 r-xp 00000000 00:00 0 \n"
+            "ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0   [vsyscall]\n"
+        )
+        parsed = parse_maps(text)
+        assert [(m.start, m.end, m.offset_bytes, m.inode, m.path) for m in parsed] == [
+            (0x7F00, 0x8F00, 0x1000, 42, "/tmp/a file (deleted)"),
+            (0x9000, 0xA000, 0, 0, ""),
+            (0xFFFFFFFFFF600000, 0xFFFFFFFFFF601000, 0, 0, "[vsyscall]"),
+        ]
+        assert parsed[2].is_special and not parsed[0].is_special
+
+    def test_maps_of_a_gone_process(self, sleeper: subprocess.Popen[bytes]) -> None:
+        sleeper.kill()
+        sleeper.wait()
+        with pytest.raises(ProcessGone):
+            read_maps(sleeper.pid)
+
+
+class TestIdentityAndStatus:
+    def test_identity_detects_exit(self, sleeper: subprocess.Popen[bytes]) -> None:
+        identity = ProcessIdentity.of(sleeper.pid)
+        assert identity.is_alive()
+        assert ProcessIdentity.of(sleeper.pid) == identity
+        sleeper.kill()
+        sleeper.wait()
+        assert not identity.is_alive()
+
+    def test_zombie_is_not_alive(self, sleeper: subprocess.Popen[bytes]) -> None:
+        identity = ProcessIdentity.of(sleeper.pid)
+        sleeper.kill()
+        os.waitid(os.P_PID, sleeper.pid, os.WEXITED | os.WNOWAIT)
+        assert not identity.is_alive()
+
+    def test_recycled_pid_does_not_match(self, sleeper: subprocess.Popen[bytes]) -> None:
+        identity = ProcessIdentity.of(sleeper.pid)
+        impostor = ProcessIdentity(sleeper.pid, identity.start_time_ticks + 1)
+        assert not impostor.is_alive()
+
+    def test_status_of_self(self) -> None:
+        status = read_status()
+        assert status.effective_uid == os.geteuid()
+        assert status.state in "RS"
+        assert status.n_threads == len(os.listdir("/proc/self/task"))
+
+    def test_status_of_a_child(self, sleeper: subprocess.Popen[bytes]) -> None:
+        status = read_status(sleeper.pid)
+        assert (status.name, status.n_threads, status.tracer_pid) == ("sleep", 1, 0)
+
+    def test_thread_ids_include_a_new_thread(self) -> None:
+        started = threading.Event()
+        release = threading.Event()
+        native: list[int] = []
+
+        def run() -> None:
+            native.append(threading.get_native_id())
+            started.set()
+            release.wait(10)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            started.wait(10)
+            tids = thread_ids(os.getpid())
+            assert os.getpid() in tids and native[0] in tids
+            assert tids == sorted(tids)
+        finally:
+            release.set()
+            thread.join()
+
+    def test_thread_ids_of_a_gone_process(self, sleeper: subprocess.Popen[bytes]) -> None:
+        sleeper.kill()
+        sleeper.wait()
+        with pytest.raises(ProcessGone):
+            thread_ids(sleeper.pid)
