@@ -65,8 +65,11 @@ def page_span(address: int, length_bytes: int) -> tuple[int, int]:
 
 def check_write_watch_args(max_count: int, flags: int) -> bool:
     """Validate ``GetWriteWatch`` arguments; returns whether ``flags`` asks for a reset."""
-    if flags & ~WatchFlag.RESET:
-        raise UsageError(f"unknown write-watch flags 0x{flags & ~WatchFlag.RESET:x}")
+    # ~ of an IntFlag member keeps only the other defined members (here: 0), so take the
+    # complement of the plain int to catch every unknown bit.
+    unknown = flags & ~int(WatchFlag.RESET)
+    if unknown:
+        raise UsageError(f"unknown write-watch flags 0x{unknown:x}")
     if max_count <= 0:
         raise UsageError(f"max_count must be > 0, got {max_count}")
     return bool(flags & WatchFlag.RESET)
