@@ -211,7 +211,8 @@ class MemFactory:
     def __call__(self, kind: str, n_pages: int = 10) -> Mem:
         if kind in HUGETLB_KINDS:
             self._request.getfixturevalue("hugetlb_pool")
-        mem = getattr(self, f"_{kind}")(n_pages)
+        make: Callable[[int], Mem] = getattr(self, f"_{kind}")
+        mem = make(n_pages)
         self._made.append(mem)
         return mem
 
