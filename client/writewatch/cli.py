@@ -1,0 +1,441 @@
+"""The ``writewatch`` command line: sessions, attach, spawn, watch, scan, write-watch, close, capabilities."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Annotated, Any
+
+import typer
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+
+from ._client import Client, Session
+from ._exceptions import WriteWatchError
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
+from ._types import PageCategory
+from ._watch import format_bytes, watch_session, watch_session_async
+from ._wire import RangesArg
+
+__all__ = ["app", "main", "message_to_json", "watch_session", "watch_session_async"]
+
+app = typer.Typer(
+    name="writewatch",
+    help="Stream and query the pages a process writes, from writewatchd.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_console = Console()
+_errors_console = Console(stderr=True, highlight=False)
+_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+_NUMBER = re.compile(r"(?P<number>0[xob][0-9a-f_]+|[0-9_]+)(?P<suffix>[kmgt]?)(?:i?b)?", re.IGNORECASE)
+
+
+def parse_number(text: str | int) -> int:
+    """An address or size: decimal or 0x hex, with an optional K/M/G/T (binary) suffix."""
+    if isinstance(text, int):  # typer also passes defaults through the parser
+        return text
+    match = _NUMBER.fullmatch(text.strip())
+    if match is None:
+        raise typer.BadParameter(f"{text!r} is not a number (examples: 4096, 0x7f0000000000, 16M)")
+    return int(match["number"], 0) * _SIZE_SUFFIXES[match["suffix"].lower()]
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """``START-END`` (end exclusive) or ``START+SIZE``."""
+    for separator in ("-", "+"):
+        start, found, rest = text.partition(separator)
+        if found:
+            first, second = parse_number(start), parse_number(rest)
+            return (first, second) if separator == "-" else (first, first + second)
+    raise typer.BadParameter(f"{text!r} is not a range (START-END or START+SIZE)")
+
+
+def parse_mask(text: str | int) -> int:
+    """PAGE_IS_* bits: names joined by ``,`` or ``|`` (PRESENT,WRITTEN), or a number."""
+    if isinstance(text, int):
+        return text
+    mask = 0
+    for part in re.split(r"[,|]", text):
+        name = part.strip().upper().removeprefix("PAGE_IS_")
+        if not name:
+            continue
+        if name in PageCategory.__members__:
+            mask |= PageCategory[name]
+        else:
+            try:
+                mask |= parse_number(name)
+            except typer.BadParameter:
+                names = ", ".join(PageCategory.__members__)
+                raise typer.BadParameter(f"unknown category {part!r} (one of {names}, or a number)") from None
+    return mask
+
+
+def parse_pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    """``KEY=VALUE`` options as a dict."""
+    pairs: dict[str, str] = {}
+    for item in items or ():
+        key, found, value = item.partition("=")
+        if not found or not key:
+            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
+        pairs[key] = value
+    return pairs
+
+
+def message_to_json(message: Message) -> dict[str, Any]:
+    """A protobuf message as JSON-ready data: field names as in the .proto, 64-bit integers as
+    numbers (json_format would make them strings) and enums as their names."""
+    data: dict[str, Any] = {}
+    for descriptor in message.DESCRIPTOR.fields:
+        value = getattr(message, descriptor.name)
+        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
+            data[descriptor.name] = dict(value)
+        elif descriptor.is_repeated:
+            data[descriptor.name] = [_field_to_json(descriptor, item) for item in value]
+        elif descriptor.containing_oneof is not None and not message.HasField(descriptor.name):
+            # Only fields with explicit presence (oneof, proto3 optional) can be "unset".
+            data[descriptor.name] = None
+        else:
+            data[descriptor.name] = _field_to_json(descriptor, value)
+    return data
+
+
+def _field_to_json(descriptor: Any, value: Any) -> Any:
+    if descriptor.enum_type is not None:
+        enum_value = descriptor.enum_type.values_by_number.get(value)
+        return enum_value.name if enum_value is not None else value
+    if isinstance(value, Message):
+        return message_to_json(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    return value
+
+
+def _short(enum: Any, value: int) -> str:
+    """An enum value's name without its type prefix: ATTACH_MODE_INJECT -> INJECT."""
+    name: str = enum.Name(value)
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
+    return name.removeprefix(prefix)
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2))
+
+
+@contextmanager
+def _errors() -> Iterator[None]:
+    """Turn client errors into one line on stderr and exit status 1."""
+    try:
+        yield
+    except (WriteWatchError, ValueError) as error:
+        _errors_console.print(f"writewatch: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        "-a",
+        help="Daemon address (unix:/path, /path, host:port). [default: $WRITEWATCH_ADDRESS, else the daemon's socket]",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+SessionArgument = Annotated[str, typer.Argument(help="Session id.", show_default=False)]
+RangeOption = Annotated[
+    list[str] | None,
+    typer.Option("--range", "-r", help="Range to track, START-END or START+SIZE (repeatable).", show_default=False),
+]
+AutoOption = Annotated[bool, typer.Option("--auto", help="Track every writable private mapping (the default).")]
+TickOption = Annotated[int, typer.Option("--tick-ms", min=0, help="Harvest period in ms (0: daemon default).")]
+LabelOption = Annotated[
+    list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE label (repeatable).", show_default=False)
+]
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            "--address",
+            "-a",
+            envvar="WRITEWATCH_ADDRESS",
+            help="Daemon address (unix:/path, /path, host:port). [default: the daemon's socket]",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """writewatch: see which pages of a process are written, live."""
+    ctx.obj = address
+
+
+def _client(ctx: typer.Context, address: str | None) -> Client:
+    root_address: str | None = ctx.obj
+    return Client(address or root_address)
+
+
+def _ranges(ranges: list[str] | None, auto: bool) -> RangesArg:
+    if ranges and auto:
+        raise typer.BadParameter("give --range or --auto, not both")
+    return [parse_range(text) for text in ranges] if ranges else "auto"
+
+
+def _session_row(snapshot: pb.Session) -> list[str]:
+    tracked = "auto" if snapshot.auto_ranges else str(len(snapshot.ranges))
+    return [
+        snapshot.session_id,
+        str(snapshot.pid),
+        snapshot.comm,
+        _short(pb.AttachMode, snapshot.attach_mode),
+        _short(pb.SessionState, snapshot.state)
+        + (f" ({_short(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
+        f"{tracked} / {format_bytes(snapshot.n_tracked_pages * 4096)}",
+        f"{snapshot.epoch}:{snapshot.last_seq}",
+        str(snapshot.statistics.n_subscribers),
+        " ".join(f"{k}={v}" for k, v in sorted(snapshot.labels.items())),
+    ]
+
+
+def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool) -> None:
+    if as_json:
+        _print_json([message_to_json(s) for s in snapshots])
+        return
+    table = Table("session", "pid", "command", "mode", "state", "ranges / size", "epoch:seq", "subscribers", "labels")
+    for snapshot in snapshots:
+        table.add_row(*_session_row(snapshot))
+    _console.print(table)
+
+
+def _print_created(session: Session, as_json: bool) -> None:
+    if as_json:
+        _print_json(message_to_json(session.snapshot))
+        return
+    snapshot = session.snapshot
+    mode = _short(pb.AttachMode, snapshot.attach_mode)
+    typer.echo(f"{session.id}\tpid {snapshot.pid} ({mode}), {len(snapshot.ranges)} ranges")
+
+
+@app.command()
+def sessions(ctx: typer.Context, address: AddressOption = None, as_json: JsonOption = False) -> None:
+    """List the daemon's sessions."""
+    with _errors(), _client(ctx, address) as client:
+        _print_sessions([s.snapshot for s in client.sessions()], as_json)
+
+
+@app.command()
+def attach(
+    ctx: typer.Context,
+    *,
+    pid: Annotated[int, typer.Argument(help="Process to track.", show_default=False)],
+    ranges: RangeOption = None,
+    auto: AutoOption = False,
+    uffd_fd: Annotated[
+        int | None,
+        typer.Option("--uffd-fd", help="The target's own userfaultfd (cooperative mode); else inject.", min=0),
+    ] = None,
+    tick_ms: TickOption = 0,
+    labels: LabelOption = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start tracking a running process; prints the session id."""
+    with _errors(), _client(ctx, address) as client:
+        session = client.attach(
+            pid, _ranges(ranges, auto), uffd_fd=uffd_fd, tick_interval_ms=tick_ms, labels=parse_pairs(labels, "label")
+        )
+        _print_created(session, as_json)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def spawn(
+    ctx: typer.Context,
+    *,
+    command: Annotated[list[str], typer.Argument(help="Program and arguments (after --).", show_default=False)],
+    ranges: RangeOption = None,
+    auto: AutoOption = False,
+    env: Annotated[
+        list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE environment (repeatable).", show_default=False)
+    ] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", help="Working directory of the program.")] = None,
+    tick_ms: TickOption = 0,
+    labels: LabelOption = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Start a program under tracking from its first instruction; prints the session id."""
+    with _errors(), _client(ctx, address) as client:
+        session = client.spawn(
+            command,
+            _ranges(ranges, auto),
+            env=parse_pairs(env, "environment variable") or None,
+            cwd=cwd,
+            tick_interval_ms=tick_ms,
+            labels=parse_pairs(labels, "label"),
+        )
+        _print_created(session, as_json)
+
+
+@app.command()
+def watch(
+    ctx: typer.Context,
+    session_id: SessionArgument,
+    seconds: Annotated[
+        float | None, typer.Option("--seconds", "-s", min=0, help="Stop after this long (default: until it ends).")
+    ] = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Live view of a session's writes: rates and busiest ranges, then a summary."""
+    with _errors(), _client(ctx, address) as client:
+        summary = watch_session(client, session_id, seconds, console=_console, live=not as_json)
+    if as_json:
+        _print_json(summary)
+        return
+    table = Table("summary", "", box=None, show_header=False)
+    for key in ("elapsed_s", "n_deltas", "n_resyncs", "n_regions", "n_pages", "epoch", "last_seq", "end_reason"):
+        table.add_row(key, str(summary[key]))
+    table.add_row("size", format_bytes(summary["size_bytes"]))
+    table.add_row("pages/s", f"{summary['pages_per_second']:,.1f}")
+    table.add_row("bytes/s", format_bytes(summary["bytes_per_second"]) + "/s")
+    _console.print(table)
+
+
+@app.command()
+def harvest(
+    ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
+    """Harvest now and print the written regions."""
+    with _errors(), _client(ctx, address) as client:
+        delta = client.session(session_id).harvest()
+    if as_json:
+        _print_json(
+            None
+            if delta is None
+            else {
+                "epoch": delta.epoch,
+                "seq": delta.seq,
+                "resync": delta.resync,
+                "n_pages": delta.n_pages,
+                "regions": delta.regions.tolist(),
+            }
+        )
+        return
+    if delta is None:
+        typer.echo("nothing written")
+        return
+    typer.echo(f"epoch {delta.epoch} seq {delta.seq}: {delta.n_regions} regions, {delta.n_pages} pages")
+    for start, end in delta.regions.tolist():
+        typer.echo(f"0x{start:x}-0x{end:x}")
+
+
+@app.command()
+def scan(
+    ctx: typer.Context,
+    *,
+    session_id: SessionArgument,
+    start: Annotated[int, typer.Argument(parser=parse_number, help="Start address.", show_default=False)],
+    end: Annotated[int, typer.Argument(parser=parse_number, help="End address (exclusive).", show_default=False)],
+    mask: Annotated[int, typer.Option("--mask", parser=parse_mask, help="Categories that must all be set.")] = 0,
+    anyof: Annotated[int, typer.Option("--anyof", parser=parse_mask, help="Categories of which one must be set.")] = 0,
+    inverted: Annotated[int, typer.Option("--inverted", parser=parse_mask, help="Categories negated first.")] = 0,
+    return_mask: Annotated[
+        int, typer.Option("--return-mask", parser=parse_mask, help="Categories reported (default: mask|anyof).")
+    ] = 0,
+    max_pages: Annotated[int, typer.Option("--max-pages", min=0, help="Stop after this many pages (0: no limit).")] = 0,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Read-only PAGEMAP_SCAN query.
+
+    Categories: WPALLOWED WRITTEN FILE PRESENT SWAPPED PFNZERO HUGE SOFT_DIRTY GUARD.
+    """
+    with _errors(), _client(ctx, address) as client:
+        result = client.session(session_id).scan(
+            start,
+            end,
+            category_mask=mask,
+            category_anyof_mask=anyof,
+            category_inverted=inverted,
+            return_mask=return_mask,
+            max_pages=max_pages,
+        )
+    rows = [
+        {"start_address": s, "end_address": e, "categories": c, "names": _category_names(c)}
+        for (s, e), c in zip(result.regions.tolist(), result.categories.tolist(), strict=True)
+    ]
+    if as_json:
+        _print_json({"regions": rows, "complete": result.complete, "resume_address": result.resume_address})
+        return
+    table = Table("start", "end", "pages", "categories")
+    for row in rows:
+        n_pages = (row["end_address"] - row["start_address"]) // 4096
+        table.add_row(f"0x{row['start_address']:x}", f"0x{row['end_address']:x}", str(n_pages), " ".join(row["names"]))
+    _console.print(table)
+    if not result.complete:
+        typer.echo(f"incomplete: resume at 0x{result.resume_address:x}")
+
+
+def _category_names(bits: int) -> list[str]:
+    return [member.name or "" for member in PageCategory if bits & member]
+
+
+@app.command("write-watch")
+def write_watch(
+    ctx: typer.Context,
+    *,
+    session_id: SessionArgument,
+    view: Annotated[str, typer.Argument(help="View name (created on first use).", show_default=False)],
+    base: Annotated[int, typer.Argument(parser=parse_number, help="Base address.", show_default=False)],
+    size: Annotated[int, typer.Argument(parser=parse_number, help="Size in bytes (16M, 0x1000).", show_default=False)],
+    reset: Annotated[bool, typer.Option("--reset", help="Clear the returned pages in this view.")] = False,
+    max_count: Annotated[int, typer.Option("--max-count", min=0, help="At most this many addresses (0: all).")] = 0,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Win32 GetWriteWatch on a named view: the written page addresses."""
+    with _errors(), _client(ctx, address) as client:
+        result = client.session(session_id).view(view).get_write_watch(base, size, max_count=max_count, reset=reset)
+    if as_json:
+        _print_json({"addresses": result.addresses, "granularity_bytes": result.granularity_bytes})
+        return
+    for page_address in result.addresses:
+        typer.echo(f"0x{page_address:x}")
+    _errors_console.print(f"{len(result.addresses)} pages, granularity {result.granularity_bytes}")
+
+
+@app.command()
+def close(ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None) -> None:
+    """Stop tracking (delete the session)."""
+    with _errors(), _client(ctx, address) as client:
+        client.session(session_id).close()
+    typer.echo(f"closed {session_id}")
+
+
+@app.command()
+def capabilities(ctx: typer.Context, address: AddressOption = None, as_json: JsonOption = False) -> None:
+    """What the daemon's kernel supports."""
+    with _errors(), _client(ctx, address) as client:
+        caps = client.capabilities()
+    data = message_to_json(caps)
+    if as_json:
+        _print_json(data)
+        return
+    data["supported_category_mask"] = " ".join(_category_names(caps.supported_category_mask))
+    data["uffd_features"] = f"0x{caps.uffd_features:x}"
+    table = Table("capability", "value", box=None)
+    for key, value in data.items():
+        table.add_row(key, str(value))
+    _console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
