@@ -315,17 +315,18 @@ def _read_int(path: Path) -> int:
 
 @pytest.fixture(scope="session")
 def hugetlb_pool() -> Iterator[None]:
-    """Raise the default hugetlb pool by a few pages for this session, restoring it afterwards."""
+    """Raise the default hugetlb pool by a few pages for this session, lowering it by as much afterwards."""
     sysctl = Path("/proc/sys/vm/nr_hugepages")
     if not sysctl.exists():
         pytest.skip("the kernel has no hugetlbfs support")
     if Path("/proc/meminfo").read_text().find("Hugepagesize:       2048 kB") < 0:
         pytest.skip("the default hugetlb page size is not 2 MiB")
-    original = _read_int(sysctl)
+    before = _read_int(sysctl)
     try:
-        sysctl.write_text(f"{original + HUGETLB_POOL_PAGES}\n")
+        sysctl.write_text(f"{before + HUGETLB_POOL_PAGES}\n")
     except OSError as exc:
         pytest.skip(f"cannot raise vm.nr_hugepages: {exc}")
+    added = max(_read_int(sysctl) - before, 0)
     try:
         free = int(
             next(
@@ -338,7 +339,8 @@ def hugetlb_pool() -> Iterator[None]:
             pytest.skip(f"only {free} hugetlb pages could be reserved")
         yield
     finally:
-        sysctl.write_text(f"{original}\n")
+        # Relative, so that concurrent sessions doing the same end with the pool they started from.
+        sysctl.write_text(f"{max(_read_int(sysctl) - added, 0)}\n")
 
 
 @pytest.fixture(scope="session")
