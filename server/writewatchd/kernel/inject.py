@@ -147,7 +147,10 @@ _EINTR_ON_STOP = frozenset(
 # Socket calls fail with EINTR on a stop only under SO_RCVTIMEO/SO_SNDTIMEO; usable, last.
 _EINTR_WITH_TIMEOUT = frozenset({42, 43, 44, 45, 46, 47, 288, 299, 307})
 
-_HELPER_GRACE_S = 5.0
+_HELPER_GRACE_S = 15.0
+# Bound on one injected syscall (userfaultfd or close never block): past it the thread is
+# stuck with our registers, and the helper exits so that EXITKILL ends it deterministically.
+_STEP_LIMIT_NS = 5 * 10**9
 _MESSAGE_BYTES = 1 << 16
 
 #: Test-only: seconds the helper sleeps inside the window (after the injected userfaultfd).
@@ -289,9 +292,10 @@ def _refuse_early(pid: int) -> None:
     if status.seccomp_mode == 1:
         raise InjectionRefused(errno.EPERM, f"process {pid} runs under strict seccomp, which forbids userfaultfd")
     if os.geteuid() != 0 and status.effective_uid != 0:
-        # /proc/PID is owned by root exactly when the task is not dumpable (task_dump_owner).
+        # The files in /proc/PID are owned by root exactly when the task is not dumpable
+        # (task_dump_owner); the directory itself keeps the task's uid.
         with contextlib.suppress(FileNotFoundError):
-            if os.stat(f"/proc/{pid}").st_uid == 0:
+            if os.stat(f"/proc/{pid}/status").st_uid == 0:
                 raise InjectionRefused(
                     errno.EPERM, f"process {pid} is not dumpable; only root (CAP_SYS_PTRACE) may inject into it"
                 )
@@ -327,6 +331,7 @@ class _Session:
         self.restored = self.saved.copy()
         self.held_signals: list[tuple[int, bytes]] = []
         self.armed = False
+        self.stopped = True
         self._first_stop = first_stop
 
     def check_seccomp(self, seccomp_mode: int) -> None:
@@ -382,8 +387,9 @@ class _Session:
         self.restored.rip = abort_ip
         os.pwrite(self.mem_fd, b"\0" * 8, rseq_cs_field)
 
-    def run(self, nr: int, *args: int, deadline_ns: int) -> int:
+    def run(self, nr: int, *args: int) -> int:
         """Run syscall ``nr`` in the thread; returns its (signed) result."""
+        deadline_ns = time.monotonic_ns() + _STEP_LIMIT_NS
         regs = self.saved.copy()
         regs.rip = self.gadget
         regs.rax = nr
@@ -394,9 +400,13 @@ class _Session:
         after_gadget = self.gadget + 2
         while True:
             singlestep(self.tid)
+            self.stopped = False
             status = wait_stop(self.tid, deadline_ns)
             if status is None:
-                raise KernelError(errno.ETIMEDOUT, f"thread {self.tid} did not finish an injected syscall in time")
+                raise _StuckTracee(
+                    InjectionRefused(errno.ETIMEDOUT, f"thread {self.tid} did not finish an injected syscall in time")
+                )
+            self.stopped = True
             if status.gone:
                 raise ProcessGone(errno.ESRCH, f"process {self.pid} {status.describe()} during injection")
             if status.event:
@@ -409,6 +419,8 @@ class _Session:
 
     def restore_and_detach(self) -> None:
         """Put the registers back and let go, re-delivering held signals."""
+        if not self.stopped:
+            raise _StuckTracee(InjectionRefused(errno.ETIMEDOUT, f"thread {self.tid} is stuck in an injected syscall"))
         if self.armed:
             setregs(self.tid, self.restored)
         sig = 0
@@ -465,7 +477,7 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
         started_ns = time.monotonic_ns()
         with _stopped(pid, choice.tid, deadline_ns) as first_stop:
             session = _Session(pid, choice.tid, gadget, mem_fd, first_stop)
-            stolen = _steal_uffd(session, seccomp_mode, deadline_ns, float(request.get("pause_in_window_s") or 0))
+            stolen = _steal_uffd(session, seccomp_mode, float(request.get("pause_in_window_s") or 0))
         stop_ns = time.monotonic_ns() - started_ns
     finally:
         os.close(mem_fd)
@@ -475,7 +487,6 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
 def _steal_uffd(
     session: _Session,
     seccomp_mode: int,
-    deadline_ns: int,
     pause_s: float = 0.0,
     before_detach: Callable[[int], None] | None = None,
 ) -> int:
@@ -488,7 +499,7 @@ def _steal_uffd(
     try:
         session.check_seccomp(seccomp_mode)
         session.arm()
-        target_fd = session.run(SYS["userfaultfd"], _UFFD_FLAGS, deadline_ns=deadline_ns)
+        target_fd = session.run(SYS["userfaultfd"], _UFFD_FLAGS)
         if pause_s:
             time.sleep(pause_s)
         if target_fd < 0:
@@ -496,10 +507,12 @@ def _steal_uffd(
         try:
             stolen = pidfd_getfd(session.pid, target_fd)
         finally:
-            session.run(_NR_CLOSE, target_fd, deadline_ns=deadline_ns)
+            session.run(_NR_CLOSE, target_fd)
         if before_detach is not None:
             handed_over, stolen = stolen, -1
             before_detach(handed_over)
+    except _StuckTracee:
+        raise
     except BaseException:
         if stolen >= 0:
             os.close(stolen)
@@ -585,7 +598,6 @@ def _spawn_inject(
         stolen = _steal_uffd(
             session,
             read_status(pid).seccomp_mode,
-            deadline_ns,
             before_detach=hand_over if request.get("pause_before_start") else None,
         )
     finally:
