@@ -1,14 +1,30 @@
-"""Real target processes for tests: the cooperative C target, driven line by line over pipes."""
+"""Real target processes for tests: C fixtures built on demand, and the cooperative target."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
 import numpy as np
-from conftest import build_c
 
 PAGE = 4096
+FIXTURES = Path(__file__).parent / "fixtures"
+BIN = FIXTURES / "bin"
+
+
+def build_c(name: str, *extra_flags: str) -> Path:
+    """Compile tests/fixtures/NAME.c once per source change; returns the binary path."""
+    source = FIXTURES / f"{name}.c"
+    binary = BIN / name
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        BIN.mkdir(exist_ok=True)
+        tmp = binary.with_suffix(f".tmp{os.getpid()}")
+        subprocess.run(
+            ["gcc", "-O2", "-g", "-Wall", "-o", str(tmp), str(source), "-lpthread", *extra_flags], check=True
+        )
+        tmp.rename(binary)
+    return binary
 
 
 class CoopTarget:
