@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .._exceptions import FeatureUnavailable, KernelError
+from .._exceptions import KernelError
 from ._libc import libc
 from .pagemap import PAGE_SIZE, Category, PagemapScanner
 from .uffd import TRACKING_FEATURES, UffdFeature, Userfaultfd
@@ -199,10 +199,11 @@ def _probe_pagemap_scan(notes: list[str]) -> tuple[bool, Category, int]:
     with scanner:
         try:
             scanner.ioctl(0, 0)
-        except FeatureUnavailable as exc:
-            if exc.errno != errno.ENOTTY:
-                raise
-            notes.append("PAGEMAP_SCAN is missing (Linux >= 6.7 needed)")
+        except KernelError as exc:
+            if exc.errno == errno.ENOTTY:
+                notes.append("PAGEMAP_SCAN is missing (Linux >= 6.7 needed)")
+            else:
+                notes.append(f"PAGEMAP_SCAN refused a zero-length scan: {exc}")
             return False, Category(0), 0
         categories = Category(0)
         for category in Category:
@@ -216,12 +217,11 @@ def _probe_pagemap_scan(notes: list[str]) -> tuple[bool, Category, int]:
 
 
 def _category_accepted(scanner: PagemapScanner, bit: int) -> bool:
+    """A zero-length scan accepted the bit; any refusal (EINVAL for an unknown bit) means no."""
     try:
         scanner.ioctl(0, 0, category_mask=bit)
-    except FeatureUnavailable as exc:
-        if exc.errno == errno.EINVAL:
-            return False
-        raise
+    except KernelError:
+        return False
     return True
 
 
