@@ -4,6 +4,8 @@
 memory of the calling process (KERNEL.md §1.2 feature probe, §5.3 fix detection, §7
 soft-dirty). It takes a few milliseconds and restores everything it touched: the probe
 mappings are unmapped and the probe userfaultfd is closed, which drops its registrations.
+The one exception: on a kernel that has soft-dirty, checking its reset clears this
+process's soft-dirty bits (``clear_refs`` has no range), which writewatchd does not use.
 """
 
 from __future__ import annotations
