@@ -838,7 +838,8 @@ class SubscribeRequest(_message.Message):
     resume_epoch: _builtins.int
     """Epoch of the last delta fully processed; with resume_seq, the stream replays from
     the next seq. Another epoch or history too old: the stream starts with a resync.
-    Unset: the stream starts with the next harvest.
+    Unset: the stream starts at the beginning of the current epoch (replayed from history,
+    or a resync when history no longer holds it), then follows live.
     """
     resume_seq: _builtins.int
     """seq of the last delta fully processed (0: none of this epoch yet)."""
@@ -978,7 +979,9 @@ class ScanRequest(_message.Message):
     category_inverted: _builtins.int
     """PAGE_IS_* bits XOR-ed before matching ("NOT X": X in both inverted and mask)."""
     return_mask: _builtins.int
-    """PAGE_IS_* bits reported per region; 0 means category_mask | category_anyof_mask."""
+    """PAGE_IS_* bits reported per region, as the kernel's return_mask: regions split where
+    these bits change; 0 reports no bits (matching pages then merge into runs).
+    """
     max_pages: _builtins.int
     """Stop after this many matching pages; 0 means no limit."""
     def __init__(
@@ -1060,7 +1063,7 @@ class GetWriteWatchRequest(_message.Message):
     flags: _builtins.int
     """WriteWatchFlag bits."""
     max_count: _builtins.int
-    """Maximum number of addresses to return; 0 means no limit."""
+    """Maximum number of addresses to return (Win32's *lpdwCount); must be > 0."""
     def __init__(
         self,
         *,
