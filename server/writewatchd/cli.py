@@ -127,6 +127,69 @@ def serve(
         raise typer.Exit(1) from None
 
 
+@app.command()
+def demo(
+    seconds: Annotated[float, typer.Option(min=1, help="how long to show the live view")] = 5.0,
+) -> None:
+    """Start a daemon on a temporary socket, spawn a demo writer, watch it live, print a summary."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import writewatch
+    from writewatch.cli import watch_session
+
+    console = Console()
+    with tempfile.TemporaryDirectory(prefix="writewatch-demo-") as tmp:
+        address = f"unix:{tmp}/writewatchd.sock"
+        daemon = subprocess.Popen(
+            [sys.executable, "-c", "from writewatchd.cli import main; main()", "serve"]
+            + ["--listen", address, "--state-dir", f"{tmp}/state", "--log-level", "WARNING"],
+        )
+        try:
+            with writewatch.Client(address, timeout_s=10) as client:
+                _wait_until_serving(client, daemon, time.monotonic() + 15)
+                console.print(f"[bold]writewatchd[/] pid {daemon.pid} listening on {address}")
+                writer = [sys.executable, "-m", "writewatchd.demo_writer", "--seconds", str(seconds + 5)]
+                session = client.spawn(writer, ranges="auto", tick_interval_ms=50)
+                info = session.info()
+                console.print(
+                    f"spawned the demo writer, pid {info.pid}, tracking {info.n_tracked_pages:,} pages "
+                    f"in {len(info.ranges)} ranges (session {session.id})"
+                )
+                summary = watch_session(client, session.id, seconds, console=console)
+                session.close()
+        finally:
+            daemon.terminate()
+            daemon.wait(20)
+    table = Table(title="writewatch demo summary", show_header=False)
+    for key in ("elapsed_s", "n_deltas", "n_resyncs", "n_regions", "n_pages", "pages_per_second", "bytes_per_second"):
+        value = summary[key]
+        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
+    console.print(table)
+    if not summary["n_pages"]:
+        console.print("[red]no write was reported[/]")
+        raise typer.Exit(1)
+
+
+def _wait_until_serving(client: object, daemon: object, deadline: float) -> None:
+    import subprocess
+    import time
+
+    import writewatch
+
+    assert isinstance(client, writewatch.Client) and isinstance(daemon, subprocess.Popen)
+    while True:
+        try:
+            client.sessions()
+            return
+        except writewatch.Unavailable:
+            if daemon.poll() is not None or time.monotonic() > deadline:
+                raise typer.Exit(1) from None
+            time.sleep(0.05)
+
+
 def main() -> None:
     """Entry point of the ``writewatchd`` console script."""
     app()
