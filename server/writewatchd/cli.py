@@ -143,10 +143,8 @@ def demo(
     console = Console()
     with tempfile.TemporaryDirectory(prefix="writewatch-demo-") as tmp:
         address = f"unix:{tmp}/writewatchd.sock"
-        daemon = subprocess.Popen(
-            [sys.executable, "-c", "from writewatchd.cli import main; main()", "serve"]
-            + ["--listen", address, "--state-dir", f"{tmp}/state", "--log-level", "WARNING"],
-        )
+        serve = ["serve", "--listen", address, "--state-dir", f"{tmp}/state", "--log-level", "WARNING"]
+        daemon = subprocess.Popen([sys.executable, "-c", "from writewatchd.cli import main; main()", *serve])
         try:
             with writewatch.Client(address, timeout_s=10) as client:
                 _wait_until_serving(client, daemon, time.monotonic() + 15)
