@@ -74,7 +74,7 @@ from typing import Any
 from .. import _exceptions
 from .._exceptions import AccessDenied, InjectionRefused, KernelError, ProcessGone
 from ._libc import SYS, raise_errno, syscall
-from .pidfd import pidfd_getfd
+from .pidfd import pidfd_open
 from .procfs import read_maps, read_status, thread_ids
 from .ptrace import (
     PtraceEvent,
@@ -322,8 +322,9 @@ class _StuckTracee(Exception):
 class _Session:
     """One stopped thread, the injected syscalls, and the way back."""
 
-    def __init__(self, pid: int, tid: int, gadget: int, mem_fd: int, first_stop: WaitStatus) -> None:
+    def __init__(self, pid: int, tid: int, first_stop: WaitStatus, *, gadget: int, mem_fd: int, pidfd: int) -> None:
         self.pid = pid
+        self.pidfd = pidfd
         self.tid = tid
         self.gadget = gadget
         self.mem_fd = mem_fd
@@ -417,6 +418,13 @@ class _Session:
             if now.rip == after_gadget:
                 return now.rax_signed
 
+    def copy_fd(self, target_fd: int) -> int:
+        """``pidfd_getfd``: our own copy of the target's fd ``target_fd``."""
+        fd = syscall(SYS["pidfd_getfd"], self.pidfd, target_fd, 0)
+        if fd < 0:
+            raise_errno(-fd, f"pidfd_getfd(pid {self.pid}, fd {target_fd})", classes={errno.EPERM: AccessDenied})
+        return fd
+
     def restore_and_detach(self) -> None:
         """Put the registers back and let go, re-delivering held signals."""
         if not self.stopped:
@@ -463,7 +471,9 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
     _refuse_early(pid)
     seccomp_mode = read_status(pid).seccomp_mode
     mem_fd = _open_mem(pid)
+    pidfd = -1
     try:
+        pidfd = pidfd_open(pid)
         gadget = find_vdso_gadget(pid, mem_fd)
         preferred = request.get("tid")
         while True:
@@ -476,11 +486,13 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
             time.sleep(0.001)
         started_ns = time.monotonic_ns()
         with _stopped(pid, choice.tid, deadline_ns) as first_stop:
-            session = _Session(pid, choice.tid, gadget, mem_fd, first_stop)
+            session = _Session(pid, choice.tid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
             stolen = _steal_uffd(session, seccomp_mode, float(request.get("pause_in_window_s") or 0))
         stop_ns = time.monotonic_ns() - started_ns
     finally:
         os.close(mem_fd)
+        if pidfd >= 0:
+            os.close(pidfd)
     return {"tid": choice.tid, "stop_ns": stop_ns}, [stolen]
 
 
@@ -505,7 +517,7 @@ def _steal_uffd(
         if target_fd < 0:
             _raise_uffd_failure(session.pid, -target_fd)
         try:
-            stolen = pidfd_getfd(session.pid, target_fd)
+            stolen = session.copy_fd(target_fd)
         finally:
             session.run(_NR_CLOSE, target_fd)
         if before_detach is not None:
@@ -592,9 +604,11 @@ def _spawn_inject(
         receive()
 
     mem_fd = _open_mem(pid)
+    pidfd = -1
     try:
+        pidfd = pidfd_open(pid)
         gadget = find_vdso_gadget(pid, mem_fd)
-        session = _Session(pid, pid, gadget, mem_fd, first_stop)
+        session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
         stolen = _steal_uffd(
             session,
             read_status(pid).seccomp_mode,
@@ -602,6 +616,8 @@ def _spawn_inject(
         )
     finally:
         os.close(mem_fd)
+        if pidfd >= 0:
+            os.close(pidfd)
     reply = {"phase": "done", "stop_ns": time.monotonic_ns() - started_ns}
     return reply, [] if stolen < 0 else [stolen]
 
