@@ -21,6 +21,7 @@ from ._wire import (
     RangesArg,
     create_request,
     delta_from_pb,
+    pages_in,
     scan_result,
     subscribe_request,
     to_ranges,
@@ -216,10 +217,13 @@ class Session:
         category_mask: int = 0,
         category_anyof_mask: int = 0,
         category_inverted: int = 0,
-        return_mask: int = 0,
+        return_mask: int | None = None,
         max_pages: int = 0,
     ) -> ScanResult:
-        """Read-only PAGEMAP_SCAN of ``[start_address, end_address)`` with these ``PageCategory`` masks."""
+        """Read-only PAGEMAP_SCAN of ``[start_address, end_address)`` with these ``PageCategory`` masks.
+
+        ``return_mask`` defaults to ``category_mask | category_anyof_mask``; ``max_pages`` 0: no limit.
+        """
         request = pb.ScanRequest(
             session_id=self.id,
             start_address=start_address,
@@ -227,7 +231,7 @@ class Session:
             category_mask=category_mask,
             category_anyof_mask=category_anyof_mask,
             category_inverted=category_inverted,
-            return_mask=return_mask,
+            return_mask=category_mask | category_anyof_mask if return_mask is None else return_mask,
             max_pages=max_pages,
         )
         return scan_result(self.client._call(self.client._stub.Scan, request))
@@ -249,20 +253,18 @@ class Session:
     ) -> Iterator[Delta]:
         """Yield every delta until the session ends, then set ``end_reason``.
 
-        ``resume=(epoch, seq)`` starts after that delta. With ``reconnect`` an UNAVAILABLE
-        stream is reopened (``client.retry``) from the last delta yielded, so no seq is
-        skipped or repeated.
+        Without ``resume`` the stream starts at the beginning of the current epoch (replayed,
+        or one resync delta); ``resume=(epoch, seq)`` starts after that delta. With
+        ``reconnect`` an UNAVAILABLE stream is reopened (``client.retry``) after the last delta
+        yielded, so no seq is skipped or repeated.
         """
         filters = list(filter_ranges or ())
         cursor = resume
-        # If the first stream breaks before its first delta, resume from the state at the start.
-        fallback = self._position() if resume is None and reconnect else None
-        resume_point = cursor
         assembler = FragmentAssembler()
         failures = 0
         while True:
             call = self.client._stub.Subscribe(
-                subscribe_request(self.id, resume_point, filters), metadata=self.client._metadata
+                subscribe_request(self.id, cursor, filters), metadata=self.client._metadata
             )
             try:
                 for response in call:
@@ -282,14 +284,9 @@ class Session:
                 if not should_retry(error, reconnect, failures, self.client.retry):
                     raise from_grpc_error(error) from None
                 assembler.reset()
-                resume_point = cursor or fallback
                 time.sleep(self.client.retry.backoff_s(failures))
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
-
-    def _position(self) -> tuple[int, int]:
-        snapshot = self.info()
-        return (snapshot.epoch, snapshot.last_seq)
 
 
 def already_seen(delta: Delta, cursor: tuple[int, int] | None) -> bool:
@@ -314,12 +311,12 @@ class View:
         return f"View(session={self.session.id!r}, name={self.name!r})"
 
     def get_write_watch(
-        self, base_address: int, size_bytes: int, *, max_count: int = 0, reset: bool = False
+        self, base_address: int, size_bytes: int, *, max_count: int | None = None, reset: bool = False
     ) -> WriteWatchResult:
         """Written pages of ``[base_address, base_address + size_bytes)`` in ascending order.
 
-        At most ``max_count`` addresses (0: all); with ``reset`` the returned pages are cleared
-        in this view only.
+        At most ``max_count`` addresses (default: as many as the range has pages); with
+        ``reset`` the returned pages are cleared in this view only.
         """
         request = pb.GetWriteWatchRequest(
             session_id=self.session.id,
@@ -327,7 +324,7 @@ class View:
             base_address=base_address,
             size_bytes=size_bytes,
             flags=pb.WRITE_WATCH_FLAG_RESET if reset else 0,
-            max_count=max_count,
+            max_count=pages_in(size_bytes) if max_count is None else max_count,
         )
         client = self.session.client
         return write_watch_result(client._call(client._stub.GetWriteWatch, request))

@@ -19,6 +19,7 @@ __all__ = [
     "RangesArg",
     "create_request",
     "delta_from_pb",
+    "pages_in",
     "scan_result",
     "subscribe_request",
     "to_ranges",
@@ -33,6 +34,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", 256 << 20),
     ("grpc.max_send_message_length", 64 << 20),
 ]
+
+
+def pages_in(size_bytes: int) -> int:
+    """Pages a range of size_bytes can span at most (at least 1, the daemon refuses 0)."""
+    return max(1, -(-size_bytes // DEFAULT_PAGE_SIZE_BYTES) + 1)
 
 
 def to_ranges(ranges: Iterable[tuple[int, int]]) -> list[pb.AddressRange]:

@@ -347,8 +347,9 @@ def scan(
     anyof: Annotated[int, typer.Option("--anyof", parser=parse_mask, help="Categories of which one must be set.")] = 0,
     inverted: Annotated[int, typer.Option("--inverted", parser=parse_mask, help="Categories negated first.")] = 0,
     return_mask: Annotated[
-        int, typer.Option("--return-mask", parser=parse_mask, help="Categories reported (default: mask|anyof).")
-    ] = 0,
+        int | None,
+        typer.Option("--return-mask", parser=parse_mask, help="Categories reported [default: mask|anyof]."),
+    ] = None,
     max_pages: Annotated[int, typer.Option("--max-pages", min=0, help="Stop after this many pages (0: no limit).")] = 0,
     address: AddressOption = None,
     as_json: JsonOption = False,
@@ -402,7 +403,8 @@ def write_watch(
 ) -> None:
     """Win32 GetWriteWatch on a named view: the written page addresses."""
     with _errors(), _client(ctx, address) as client:
-        result = client.session(session_id).view(view).get_write_watch(base, size, max_count=max_count, reset=reset)
+        watch_view = client.session(session_id).view(view)
+        result = watch_view.get_write_watch(base, size, max_count=max_count or None, reset=reset)
     if as_json:
         _print_json({"addresses": result.addresses, "granularity_bytes": result.granularity_bytes})
         return

@@ -95,6 +95,12 @@ def test_write_watch_view(client: writewatch.Client, fake: FakeWriteWatch) -> No
     assert (reset.view_id, reset.base_address, reset.size_bytes) == ("mine", 0x1000, 0x2000)
 
 
+def test_write_watch_default_count_covers_the_range(client: writewatch.Client, fake: FakeWriteWatch) -> None:
+    client.session(SESSION_ID).view("v").get_write_watch(0x1000, 0x10000)
+    (request,) = fake.requests["GetWriteWatch"]
+    assert request.max_count >= 0x10 and request.flags == 0
+
+
 def test_scan_returns_regions_and_categories(client: writewatch.Client, fake: FakeWriteWatch) -> None:
     regions = np.array([[0x1000, 0x2000], [0x2000, 0x4000]], dtype=np.uint64)
     categories = np.array([0x0A, 0x12], dtype="<u8")
@@ -108,6 +114,13 @@ def test_scan_returns_regions_and_categories(client: writewatch.Client, fake: Fa
     assert not result.complete and result.resume_address == 0x4000
     (request,) = fake.requests["Scan"]
     assert (request.category_anyof_mask, request.max_pages, request.end_address) == (8, 3, 0x9000)
+    assert request.return_mask == present  # defaults to the mask and anyof bits
+
+
+def test_scan_explicit_return_mask(client: writewatch.Client, fake: FakeWriteWatch) -> None:
+    client.session(SESSION_ID).scan(0, 0x1000, category_mask=2, return_mask=0)
+    (request,) = fake.requests["Scan"]
+    assert (request.category_mask, request.return_mask) == (2, 0)
 
 
 def test_capabilities_and_dirty_rate(client: writewatch.Client) -> None:

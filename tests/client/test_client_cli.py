@@ -81,6 +81,7 @@ def test_scan_json(address: str, fake: FakeWriteWatch) -> None:
     }
     (request,) = fake.requests["Scan"]
     assert (request.category_mask, request.end_address, request.max_pages) == (0x0A, 1 << 20, 9)
+    assert request.return_mask == 0x0A
 
 
 def test_write_watch_json(address: str, fake: FakeWriteWatch) -> None:
