@@ -16,7 +16,8 @@ from .conftest import MemFactory, mprotect
 
 class TestMaps:
     def test_own_mappings_with_exact_bounds_and_perms(self, make_mem: MemFactory) -> None:
-        mem = make_mem("anon", 8)
+        # A private memfd mapping never merges with a neighbouring VMA, so its bounds are exact.
+        mem = make_mem("memfd_private", 8)
         mprotect(mem.page(4), 4 * 4096, 1)  # PROT_READ on the second half
         ours = [m for m in read_maps() if mem.addr <= m.start < mem.end]
         assert [(m.start, m.end) for m in ours] == [(mem.addr, mem.page(4)), (mem.page(4), mem.end)]
