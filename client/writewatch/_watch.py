@@ -161,8 +161,11 @@ class WatchStats:
         rates.add_row("pages/s", f"{pages_rate:,.0f}", f"{self.n_pages:,}")
         page = self.page_size_bytes
         rates.add_row("bytes/s", format_bytes(pages_rate * page), format_bytes(self.n_pages * page))
+        rows = self.busiest()
+        if not rows:
+            return Group(header, rates)
         busiest = Table("busiest range", "pages", "written", box=None, padding=(0, 2))
-        for row in self.busiest():
+        for row in rows:
             name = f"0x{row['start_address']:x}-0x{row['end_address']:x}" if row["end_address"] else "(untracked)"
             busiest.add_row(name, f"{row['n_pages']:,}", format_bytes(row["size_bytes"]))
         return Group(header, rates, busiest)
@@ -189,7 +192,9 @@ async def watch_session_async(
     try:
         session = await client.session(session_id)
         stats = WatchStats.for_session(session.snapshot)
-        consumer = asyncio.create_task(_consume(session, stats))
+        # Live writes only: the history before now would skew the rates.
+        start = (session.snapshot.epoch, session.snapshot.last_seq)
+        consumer = asyncio.create_task(_consume(session, stats, start))
         display = Live(stats.render(seconds), console=console, auto_refresh=False) if live else None
         deadline_s = time.monotonic() + seconds if seconds else None
         with display or contextlib.nullcontext():
@@ -200,6 +205,8 @@ async def watch_session_async(
                 await asyncio.wait({consumer}, timeout=timeout_s)
                 if display is not None:
                     display.update(stats.render(seconds), refresh=True)
+        if display is not None and console is not None and not console.is_terminal:
+            console.line()  # a non-terminal Live leaves its last frame without a newline
         ended = consumer.done()
         consumer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -242,8 +249,8 @@ def _async_client(client_or_address: AsyncClient | Client | str | None) -> tuple
     return AsyncClient(client_or_address), True
 
 
-async def _consume(session: AsyncSession, stats: WatchStats) -> None:
-    async for delta in session.subscribe():
+async def _consume(session: AsyncSession, stats: WatchStats, start: tuple[int, int]) -> None:
+    async for delta in session.subscribe(resume=start):
         if delta.resync:
             # A resync follows a change of epoch, often with new mappings: re-read the ranges.
             stats.set_ranges(await session.info())

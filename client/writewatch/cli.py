@@ -189,7 +189,7 @@ def _ranges(ranges: list[str] | None, auto: bool) -> RangesArg:
 
 
 def _session_row(snapshot: pb.Session) -> list[str]:
-    tracked = "auto" if snapshot.auto_ranges else str(len(snapshot.ranges))
+    tracked = "auto" if snapshot.auto_ranges else f"{len(snapshot.ranges)} ranges"
     return [
         snapshot.session_id,
         str(snapshot.pid),
@@ -197,8 +197,8 @@ def _session_row(snapshot: pb.Session) -> list[str]:
         _short(pb.AttachMode, snapshot.attach_mode),
         _short(pb.SessionState, snapshot.state)
         + (f" ({_short(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
-        f"{tracked} / {format_bytes(snapshot.n_tracked_pages * 4096)}",
-        f"{snapshot.epoch}:{snapshot.last_seq}",
+        f"{tracked}, {format_bytes(snapshot.n_tracked_pages * 4096)}",
+        str(snapshot.last_seq),
         str(snapshot.statistics.n_subscribers),
         " ".join(f"{k}={v}" for k, v in sorted(snapshot.labels.items())),
     ]
@@ -208,7 +208,11 @@ def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool) -> None:
     if as_json:
         _print_json([message_to_json(s) for s in snapshots])
         return
-    table = Table("session", "pid", "command", "mode", "state", "ranges / size", "epoch:seq", "subscribers", "labels")
+    table = Table()
+    # The id is what every other command takes: never truncate it.
+    table.add_column("session", no_wrap=True, min_width=max((len(s.session_id) for s in snapshots), default=7))
+    for header in ("pid", "command", "mode", "state", "tracked", "seq", "subs", "labels"):
+        table.add_column(header)
     for snapshot in snapshots:
         table.add_row(*_session_row(snapshot))
     _console.print(table)
