@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 import writewatch
 from daemonproc import DaemonProcess
 
@@ -14,6 +15,15 @@ from daemonproc import DaemonProcess
 def daemon_env() -> dict[str, str]:
     """Extra WRITEWATCHD_* settings for the daemon of one test (override in a test module)."""
     return {}
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon for a whole module, for tests that leave nothing behind."""
+    d = DaemonProcess(tmp_path_factory.mktemp("daemon"), {})
+    d.start()
+    yield d
+    d.stop()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
+
 import writewatch
 from daemonproc import DaemonProcess
 from targets import PAGE, CoopTarget

@@ -13,6 +13,7 @@ import enum
 import functools
 import logging
 import secrets
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -269,18 +270,9 @@ class SessionManager:
         if not spec.auto_ranges and not spec.ranges:
             raise UsageError("give ranges, or auto_ranges=true")
         loop = asyncio.get_running_loop()
-        pid, uffd, spawned = await loop.run_in_executor(self.executor, self._obtain_uffd, spec)
-        try:
-            identity = ProcessIdentity.of(pid)
-            tracker = await loop.run_in_executor(
-                self.executor,
-                functools.partial(Tracker, identity, uffd, ranges=spec.ranges, auto=spec.auto_ranges),
-            )
-        except BaseException:
-            uffd.close()
-            if spawned is not None:
-                spawned.kill()
-            raise
+        tracker, spawned = await loop.run_in_executor(self.executor, self._start_tracker, spec)
+        identity = tracker.identity
+        pid = identity.pid
         record = SessionRecord(
             session_id=_new_session_id(),
             pid=pid,
@@ -371,26 +363,49 @@ class SessionManager:
             )
         return requested_ms
 
-    def _obtain_uffd(self, spec: SessionSpec) -> tuple[int, Userfaultfd, Any]:
+    def _start_tracker(self, spec: SessionSpec) -> tuple[Tracker, Any]:
+        """Obtain the target's userfaultfd as ``spec`` says and start tracking (blocking)."""
+        if spec.attach_mode == AttachMode.SPAWN:
+            return self._spawn(spec)
+        _check_pid(spec.pid)
         if spec.attach_mode == AttachMode.COOPERATIVE:
             if spec.uffd_fd is None or spec.uffd_fd < 0:
                 raise UsageError("cooperative attach needs uffd_fd, the target's userfaultfd fd number")
-            _check_pid(spec.pid)
-            return spec.pid, Userfaultfd.from_process(spec.pid, spec.uffd_fd), None
-        if spec.attach_mode == AttachMode.INJECT:
-            _check_pid(spec.pid)
+            uffd = Userfaultfd.from_process(spec.pid, spec.uffd_fd)
+        elif spec.attach_mode == AttachMode.INJECT:
             from ..kernel.inject import inject_userfaultfd
 
-            result = inject_userfaultfd(spec.pid, deadline_s=self.settings.inject_deadline_ms / 1000)
-            return spec.pid, result.uffd, None
-        if spec.attach_mode == AttachMode.SPAWN:
-            if not spec.argv:
-                raise UsageError("spawn needs argv")
-            from ..kernel.spawn import spawn_tracked
+            uffd = inject_userfaultfd(spec.pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
+        else:
+            raise UsageError(f"unknown attach mode {spec.attach_mode}")
+        try:
+            return Tracker(ProcessIdentity.of(spec.pid), uffd, ranges=spec.ranges, auto=spec.auto_ranges), None
+        except BaseException:
+            uffd.close()
+            raise
 
-            spawned = spawn_tracked(list(spec.argv), env=spec.env, cwd=spec.cwd)
-            return spawned.pid, spawned.uffd, spawned
-        raise UsageError(f"unknown attach mode {spec.attach_mode}")
+    def _spawn(self, spec: SessionSpec) -> tuple[Tracker, Any]:
+        from ..kernel.spawn import spawn_tracked
+
+        if not spec.argv:
+            raise UsageError("spawn needs argv")
+        trackers: list[Tracker] = []
+
+        def track_before_first_instruction(uffd: Userfaultfd) -> None:
+            identity = ProcessIdentity.of(uffd.owner_pid)
+            trackers.append(Tracker(identity, uffd, ranges=spec.ranges, auto=spec.auto_ranges))
+
+        try:
+            spawned = spawn_tracked(
+                list(spec.argv),
+                env=spec.env,
+                cwd=spec.cwd,
+                stdin=subprocess.DEVNULL,
+                before_start=track_before_first_instruction,
+            )
+        except FileNotFoundError as exc:
+            raise UsageError(f"cannot spawn {spec.argv[0]!r}: {exc.strerror}") from None
+        return trackers[0], spawned
 
     def _reobtain_uffd(self, record: SessionRecord) -> Userfaultfd:
         if record.attach_mode == AttachMode.COOPERATIVE and record.uffd_fd is not None:

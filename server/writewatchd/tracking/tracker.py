@@ -17,7 +17,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .._exceptions import FeatureUnavailable, InvalidRange, KernelError, NotRegistered, ProcessGone, UsageError
+from .._exceptions import (
+    FeatureUnavailable,
+    InvalidRange,
+    KernelError,
+    NotRegistered,
+    ProcessGone,
+    RangeBusy,
+    UsageError,
+)
 from ..kernel import (
     PAGE_SIZE,
     PagemapScanner,
@@ -94,10 +102,7 @@ class Tracker:
             if UffdFeature.WP_ASYNC not in features:
                 raise FeatureUnavailable(0, "the userfaultfd lacks WP_ASYNC")
             for start, end in self._explicit.regions.tolist():
-                uffd.register(start, end - start)
-                uffd.write_protect(start, end - start)
-                self._registered.add(as_regions([(start, end)]))
-            self._pending_written.add(self._registered.regions)
+                self._register(start, end, explicit=True)
             if auto:
                 self._refresh_auto()
         except BaseException:
@@ -123,7 +128,7 @@ class Tracker:
             if len(overlap):
                 raise InvalidRange(f"range 0x{int(overlap[0, 0]):x} is already tracked")
             for start, end in merge(new).tolist():
-                self._register(start, end)
+                self._register(start, end, explicit=True)
             self._explicit.add(new)
 
     def remove_ranges(self, ranges: Iterable[tuple[int, int]] | RegionArray) -> None:
@@ -198,7 +203,7 @@ class Tracker:
         for start, end in _minus(wanted.regions, current.regions).tolist():
             self._register(start, end)
 
-    def _register(self, start: int, end: int) -> None:
+    def _register(self, start: int, end: int, *, explicit: bool = False) -> None:
         try:
             self._uffd.register(start, end - start)
             self._uffd.write_protect(start, end - start)
@@ -207,9 +212,11 @@ class Tracker:
         except KernelError as exc:
             self.statistics.n_registrations_failed += 1
             self._note(f"register [0x{start:x}, 0x{end:x}): {exc}")
-            if not self.auto:
+            if not explicit:
+                return  # auto mode: a mapping we cannot track is skipped, and retried next tick
+            if isinstance(exc, RangeBusy):
                 raise
-            return
+            raise InvalidRange(f"[0x{start:x}, 0x{end:x}) cannot be tracked in pid {self.pid}: {exc}") from None
         span = as_regions([(start, end)])
         self._registered.add(span)
         self._pending_written.add(span)
