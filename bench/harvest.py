@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from common import GIB, MIB, PAGE_SIZE, AnonMemory, BareScan, Daemon, Section, Stats, Target, hashed_pages, interleaved
+
 from writewatchd.kernel import ProcessIdentity, Userfaultfd
 from writewatchd.service.hub import Hub
 from writewatchd.service.wire import delta_frames

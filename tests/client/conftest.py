@@ -10,6 +10,7 @@ from concurrent import futures
 import grpc
 import pytest
 from fake_writewatch import EPOCH, SESSION_ID, FakeWriteWatch
+
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
 

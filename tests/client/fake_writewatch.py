@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
+
 from writewatch import RetryPolicy
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag, UffdFeature, Userfaultfd
 from writewatchd.kernel._libc import ioctl
 from writewatchd.kernel.pagemap import PAGEMAP_SCAN, PmScanArg

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+
 from writewatchd.kernel import Category, ScanFlag
 
 from .conftest import HPAGE_PMD_PAGES, KINDS, WRITTEN, MemFactory, Tracked, huge_pages, region_list

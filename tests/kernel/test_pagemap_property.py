@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from writewatchd.kernel import PAGE_SIZE, PagemapScanner, UffdFeature, Userfaultfd
 
 from .conftest import Mem, munmap, raw_mmap

@@ -10,6 +10,7 @@ import subprocess
 from collections.abc import Callable
 
 import pytest
+
 from writewatchd import AccessDenied, FeatureUnavailable, InvalidRange, NotRegistered, ProcessGone, UsageError
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag
 from writewatchd.kernel._libc import ioctl

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
+
 from writewatchd import FeatureUnavailable, UsageError
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, ScanFlag
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
+
 from writewatchd import FeatureUnavailable
 from writewatchd.cli import app
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, UffdFeature, Userfaultfd

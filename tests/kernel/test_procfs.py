@@ -7,6 +7,7 @@ import subprocess
 import threading
 
 import pytest
+
 from writewatchd import ProcessGone
 from writewatchd.kernel import MappingPerm, ProcessIdentity, read_maps, read_status, thread_ids
 from writewatchd.kernel.procfs import parse_maps

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
 from writewatchd import AccessDenied, FeatureUnavailable, InvalidRange, KernelError, NotRegistered, RangeBusy
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, UffdFeature, Userfaultfd, read_maps
 from writewatchd.kernel._libc import ioctl

@@ -6,6 +6,7 @@ import itertools
 
 import numpy as np
 import pytest
+
 from writewatchd.service.hub import EndReason, Hub, Published, SessionEnd, Subscriber
 from writewatchd.tracking.delta import Delta
 from writewatchd.tracking.regions import as_regions

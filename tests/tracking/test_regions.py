@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
+
 from writewatchd.tracking.regions import RegionSet, as_regions, merge, page_addresses
 
 PAGE = 4096

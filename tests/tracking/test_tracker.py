@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from targets import PAGE, CoopTarget
 from writewatchd import InvalidRange, ProcessGone, UsageError
 from writewatchd.kernel import ProcessIdentity, Userfaultfd

@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from writewatchd import InvalidRange, KernelError, NotRegistered, UsageError
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag
 from writewatchd.tracking import WRITE_WATCH_FLAG_RESET, WriteWatch

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 
 from .._exceptions import UsageError

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
 from writewatch.regions import encode_regions

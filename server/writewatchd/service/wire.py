@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch.regions import encode_regions, split_regions
 
