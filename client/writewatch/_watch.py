@@ -30,11 +30,13 @@ _REFRESH_S = 0.25
 
 def format_bytes(size_bytes: float) -> str:
     """Human-readable binary size: ``1.5 MiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(size_bytes) < 1024 or unit == "TiB":
-            return f"{size_bytes:.0f} {unit}" if unit == "B" else f"{size_bytes:.1f} {unit}"
+    if abs(size_bytes) < 1024:
+        return f"{size_bytes:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         size_bytes /= 1024
-    raise AssertionError("unreachable")
+        if abs(size_bytes) < 1024:
+            return f"{size_bytes:.1f} {unit}"
+    return f"{size_bytes / 1024:.1f} TiB"
 
 
 @dataclass

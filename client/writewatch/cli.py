@@ -20,7 +20,17 @@ from ._types import PageCategory
 from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
 
-__all__ = ["app", "main", "message_to_json", "watch_session", "watch_session_async"]
+__all__ = [
+    "app",
+    "format_bytes",
+    "main",
+    "message_to_json",
+    "parse_mask",
+    "parse_number",
+    "parse_range",
+    "watch_session",
+    "watch_session_async",
+]
 
 app = typer.Typer(
     name="writewatch",
@@ -436,6 +446,8 @@ def capabilities(ctx: typer.Context, address: AddressOption = None, as_json: Jso
         return
     data["supported_category_mask"] = " ".join(_category_names(caps.supported_category_mask))
     data["uffd_features"] = f"0x{caps.uffd_features:x}"
+    data["unpopulated_pte_fix"] = _short(pb.FixStatus, caps.unpopulated_pte_fix)
+    data["pmd_hole_fix"] = _short(pb.FixStatus, caps.pmd_hole_fix)
     table = Table("capability", "value", box=None)
     for key, value in data.items():
         table.add_row(key, str(value))

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-import writewatch
 from fake_writewatch import EPOCH, SESSION_ID, Abort, FakeWriteWatch
+
+import writewatch
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch.regions import encode_regions
 

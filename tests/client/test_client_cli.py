@@ -7,9 +7,10 @@ import json
 import grpc
 import pytest
 import typer
-import writewatch
 from fake_writewatch import EPOCH, SESSION_ID, Abort, FakeWriteWatch, delta, ended
 from typer.testing import CliRunner
+
+import writewatch
 from writewatch import cli
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch.regions import encode_regions
@@ -185,3 +186,11 @@ def test_parse_range_and_mask() -> None:
         cli.parse_mask("DIRTY")
     with pytest.raises(typer.BadParameter, match="not a range"):
         cli.parse_range("0x1000")
+
+
+@pytest.mark.parametrize(
+    ("size_bytes", "text"),
+    [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (5 << 20, "5.0 MiB"), (3 << 40, "3.0 TiB")],
+)
+def test_format_bytes(size_bytes: int, text: str) -> None:
+    assert cli.format_bytes(size_bytes) == text

@@ -7,8 +7,9 @@ from collections.abc import Iterator
 import grpc
 import numpy as np
 import pytest
-import writewatch
 from fake_writewatch import EPOCH, FAST_RETRY, SESSION_ID, Abort, FakeWriteWatch, delta, ended
+
+import writewatch
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 
 UNAVAILABLE = Abort(grpc.StatusCode.UNAVAILABLE, "daemon restarting")
