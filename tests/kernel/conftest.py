@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import mmap
 import os
 import subprocess
@@ -59,6 +60,7 @@ SHM_HUGETLB = 0o4000
 HPAGE_PMD_BYTES = 2 << 20
 HPAGE_PMD_PAGES = HPAGE_PMD_BYTES // PAGE_SIZE
 HUGETLB_POOL_PAGES = 8
+HUGETLB_LOCK_PATH = "/tmp/writewatch-tests-hugetlb.lock"
 
 WRITTEN = int(Category.WRITTEN)
 WP_SCAN = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
@@ -322,12 +324,10 @@ def hugetlb_pool() -> Iterator[None]:
         pytest.skip("the kernel has no hugetlbfs support")
     if Path("/proc/meminfo").read_text().find("Hugepagesize:       2048 kB") < 0:
         pytest.skip("the default hugetlb page size is not 2 MiB")
-    before = _read_int(sysctl)
     try:
-        sysctl.write_text(f"{before + HUGETLB_POOL_PAGES}\n")
+        added = _adjust_hugetlb_pool(sysctl, HUGETLB_POOL_PAGES)
     except OSError as exc:
         pytest.skip(f"cannot raise vm.nr_hugepages: {exc}")
-    added = max(_read_int(sysctl) - before, 0)
     try:
         free = int(
             next(
@@ -340,8 +340,19 @@ def hugetlb_pool() -> Iterator[None]:
             pytest.skip(f"only {free} hugetlb pages could be reserved")
         yield
     finally:
-        # Relative, so that concurrent sessions doing the same end with the pool they started from.
-        sysctl.write_text(f"{max(_read_int(sysctl) - added, 0)}\n")
+        _adjust_hugetlb_pool(sysctl, -added)
+
+
+def _adjust_hugetlb_pool(sysctl: Path, delta_pages: int) -> int:
+    """Change nr_hugepages by ``delta_pages``; returns the change made.
+
+    Relative and under a lock, so concurrent test sessions doing the same never undo each other.
+    """
+    with open(HUGETLB_LOCK_PATH, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        before = _read_int(sysctl)
+        sysctl.write_text(f"{max(before + delta_pages, 0)}\n")
+        return _read_int(sysctl) - before
 
 
 @pytest.fixture(scope="session")
