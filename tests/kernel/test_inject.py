@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from writewatchd import AccessDenied, InjectionRefused, ProcessGone
 from writewatchd.kernel import inject
+from writewatchd.kernel._libc import syscall
 from writewatchd.kernel.inject import InjectionResult, inject_userfaultfd
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.uffd import Userfaultfd, is_userfaultfd
@@ -36,7 +38,7 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 NOBODY = 65534
 
 # x86_64 syscall numbers the targets block in.
-NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL = 0, 35, 202, 219
+NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL, NR_TGKILL = 0, 35, 202, 219, 234
 
 
 class Target:
@@ -201,7 +203,7 @@ def test_single_threaded_target_blocked_in_read(launch: Callable[..., Target]) -
             assert target.command("k 5") == "ok"
             assert pages_of(scanner.harvest(target.start, target.end), target.start) == {5}
     assert_unharmed(target)
-    assert target.thread_syscall(target.pid) == str(NR_READ)
+    wait_for(lambda: target.thread_syscall(target.pid) == str(NR_READ))
 
 
 def test_python_target(launch: Callable[..., Target]) -> None:
@@ -374,6 +376,43 @@ def test_thread_in_d_state_is_refused(launch: Callable[..., Target]) -> None:
     assert_unharmed(target)
 
 
+def test_thread_that_never_stops_is_released_at_the_deadline(
+    launch: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Skip the vetting that would refuse a D-state thread up front, to reach the stop deadline.
+    target = launch("--threads=vfork", "--vfork-seconds=2")
+    vfork_tid = target.tids["vfork"]
+    wait_for(lambda: Path(f"/proc/{target.pid}/task/{vfork_tid}/stat").read_text().split(") ")[1][0] == "D")
+    helper_before = inject._helper_pid()
+    monkeypatch.setattr(inject, "_TEST_UNVETTED_TID", True)
+    with pytest.raises(InjectionRefused, match=r"did not stop before the deadline \(state D"):
+        inject_userfaultfd(target.pid, tid=vfork_tid, deadline_s=0.2)
+    # The helper exited to release the thread; a fresh one serves the next request.
+    assert target.tracer() == 0
+    assert _gone_or_zombie(helper_before)
+    # Once out of D state, the thread carries on (into its nanosleep), neither stopped nor failed.
+    wait_for(lambda: target.thread_syscall(vfork_tid) in {str(NR_NANOSLEEP), str(NR_RESTART_SYSCALL)})
+    assert_unharmed(target)
+    assert inject._helper_pid() != helper_before
+
+
+def test_thread_inside_an_rseq_critical_section_keeps_its_abort(launch: Callable[..., Target]) -> None:
+    target = launch("--threads=rseq")
+    rseq_tid = target.tids["rseq"]
+    if not rseq_tid:
+        pytest.skip("glibc registered no rseq area")
+    for _ in range(3):
+        result = inject_userfaultfd(target.pid, tid=rseq_tid)
+        result.uffd.close()
+        assert result.tid == rseq_tid
+    # Without the fix-up the thread would spin on with rseq_cs cleared: no abort, ever again.
+    aborts = target.stats()["aborts"]
+    syscall(NR_TGKILL, target.pid, rseq_tid, signal.SIGUSR1)
+    wait_for(lambda: target.stats()["aborts"] > aborts)
+    wait_for(lambda: target.stats()["usr1"] == 1)
+    assert_unharmed(target)
+
+
 def test_no_vdso_is_refused(launch: Callable[..., Target]) -> None:
     target = launch("--unmap-vdso")
     with pytest.raises(InjectionRefused, match="no vDSO"):
@@ -438,6 +477,7 @@ def test_unprivileged_injector_is_denied_a_root_target(launch: Callable[..., Tar
 _DAEMON = """
 import sys
 from writewatchd.kernel import inject
+from writewatchd.kernel._libc import syscall
 inject._TEST_PAUSE_IN_WINDOW_S = 1.5
 print(inject._helper_pid(), flush=True)
 inject.inject_userfaultfd(int(sys.argv[1]))

@@ -155,6 +155,8 @@ _MESSAGE_BYTES = 1 << 16
 
 #: Test-only: seconds the helper sleeps inside the window (after the injected userfaultfd).
 _TEST_PAUSE_IN_WINDOW_S = 0.0
+#: Test-only: stop the requested ``tid`` without vetting it (to reach the stop deadline).
+_TEST_UNVETTED_TID = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,6 +200,7 @@ def inject_userfaultfd(pid: int, *, deadline_s: float = 1.0, tid: int | None = N
         "tid": tid,
         "deadline_s": deadline_s,
         "pause_in_window_s": _TEST_PAUSE_IN_WINDOW_S,
+        "unvetted": _TEST_UNVETTED_TID,
     }
     reply, fds = _HELPER.call(request, timeout_s=deadline_s + _HELPER_GRACE_S)
     uffd = Userfaultfd(fds[0], owner_pid=pid)
@@ -478,6 +481,8 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
         preferred = request.get("tid")
         while True:
             choice = choose_thread(pid, preferred)
+            if request.get("unvetted") and preferred is not None:
+                choice = ThreadChoice(preferred, 0, "unvetted (test)")
             if isinstance(choice, ThreadChoice):
                 break
             if time.monotonic_ns() >= deadline_ns:
