@@ -52,21 +52,26 @@ def _as_regions(regions: npt.ArrayLike) -> Regions:
 
 def _pairs(regions: Regions, base_address: int, page_size_bytes: int) -> npt.NDArray[np.uint64]:
     """(gap_pages, n_pages) rows of validated regions relative to base_address."""
-    starts = regions[:, 0]
-    ends = regions[:, 1]
-    page = np.uint64(page_size_bytes)
-    if np.any(starts % page) or np.any(ends % page):
+    # Sorted, non-overlapping regions make [base, s0, e0, s1, e1, ...] non-decreasing, and its
+    # steps are exactly the interleaved (gap, n) pairs: one diff, no per-column passes.
+    n = len(regions)
+    bounds = np.empty(2 * n + 1, dtype=np.int64)
+    bounds[0] = base_address
+    bounds[1:] = regions.reshape(-1).view(np.int64)
+    if int(np.bitwise_or.reduce(bounds[1:])) % page_size_bytes:
         raise ValueError(f"region bounds must be multiples of the page size {page_size_bytes}")
-    if np.any(ends <= starts):
+    steps = np.diff(bounds)
+    if int(steps[1::2].min()) <= 0:
         raise ValueError("every region must have start < end")
-    if np.any(starts[1:] < ends[:-1]):
+    if n > 1 and int(steps[2::2].min()) < 0:
         raise ValueError("regions must be sorted and non-overlapping")
-    if int(starts[0]) < base_address:
-        raise ValueError(f"base_address 0x{base_address:x} is above the first region 0x{int(starts[0]):x}")
-    previous_ends = np.empty_like(ends)
-    previous_ends[0] = base_address
-    previous_ends[1:] = ends[:-1]
-    return np.column_stack(((starts - previous_ends) // page, (ends - starts) // page))
+    if steps[0] < 0:
+        raise ValueError(f"base_address 0x{base_address:x} is above the first region 0x{int(regions[0, 0]):x}")
+    if page_size_bytes & (page_size_bytes - 1) == 0:
+        steps >>= page_size_bytes.bit_length() - 1
+    else:
+        steps //= page_size_bytes
+    return steps.view(np.uint64).reshape(-1, 2)
 
 
 def encode_regions(
@@ -106,9 +111,12 @@ def decode_regions(packed: PackedRegions) -> Regions:
     if not raw:
         return empty_regions()
     page = np.uint64(packed.page_size_bytes or DEFAULT_PAGE_SIZE_BYTES)
-    pairs = np.frombuffer(raw, dtype=dtype).reshape(-1, 2).astype(np.uint64)
-    ends = np.uint64(packed.base_address) + np.cumsum(pairs[:, 0] + pairs[:, 1]) * page
-    return np.column_stack((ends - pairs[:, 1] * page, ends))
+    # The running sum of the interleaved (gap, n) pairs is [s0, e0, s1, e1, ...] in pages.
+    bounds = np.frombuffer(raw, dtype=dtype).astype(np.uint64)
+    np.cumsum(bounds, out=bounds)
+    bounds *= page
+    bounds += np.uint64(packed.base_address)
+    return bounds.reshape(-1, 2)
 
 
 def count_pages(regions: npt.ArrayLike, page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES) -> int:
