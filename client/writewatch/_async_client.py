@@ -145,7 +145,10 @@ class AsyncClient:
 
 
 class AsyncSession:
-    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`)."""
+    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`).
+
+    Used as a context manager, the session is deleted (:meth:`close`) on exit.
+    """
 
     def __init__(self, client: AsyncClient, snapshot: pb.Session) -> None:
         self.client = client

@@ -157,7 +157,10 @@ class Client:
 
 
 class Session:
-    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`)."""
+    """Handle of one tracked process. ``snapshot`` is the state last fetched (see :meth:`info`).
+
+    Used as a context manager, the session is deleted (:meth:`close`) on exit.
+    """
 
     def __init__(self, client: Client, snapshot: pb.Session) -> None:
         self.client = client
