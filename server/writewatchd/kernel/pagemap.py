@@ -87,9 +87,15 @@ assert ctypes.sizeof(PmScanArg) == 96
 PAGEMAP_SCAN = (3 << 30) | (ctypes.sizeof(PmScanArg) << 16) | (ord("f") << 8) | 16
 
 _REGION_FIELDS = 3  # struct page_region {start, end, categories}
+_REGION_BYTES = _REGION_FIELDS * 8
+# The (start, end) pair of a page_region, as one opaque 16-byte item. numpy copies a
+# strided 1-D array of 16-byte items with a tight loop, but the equivalent ``[:, :2]``
+# slice of the uint64 buffer row by row, about 10x slower (240 vs 16 us for 31 000 rows).
+_START_END = np.dtype("V16")
 _DEFAULT_CAPACITY_REGIONS = 1 << 16
 _EMPTY = np.empty((0, 2), dtype=np.uint64)
 _EMPTY.flags.writeable = False
+_HARVEST_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,8 +157,22 @@ class PagemapScanner:
         except OSError as exc:
             raise_errno(exc.errno or errno.EIO, f"open {path}", hint="PTRACE_MODE_READ access to the target is needed")
         self._buffer = np.zeros((capacity_regions, _REGION_FIELDS), dtype=np.uint64)
+        self._buffer_address = int(self._buffer.ctypes.data)
+        self._start_end_pairs = np.ndarray(
+            (capacity_regions,), dtype=_START_END, buffer=self._buffer, strides=(_REGION_BYTES,)
+        )
         self._arg = PmScanArg(size=ctypes.sizeof(PmScanArg))
         self._arg_ref = ctypes.byref(self._arg)
+        # harvest() has its own argument struct, filled once: per call it only sets the range.
+        self._harvest_arg = PmScanArg(
+            size=ctypes.sizeof(PmScanArg),
+            flags=_HARVEST_FLAGS,
+            vec=self._buffer_address,
+            vec_len=capacity_regions,
+            category_mask=Category.WRITTEN,
+            return_mask=Category.WRITTEN,
+        )
+        self._harvest_arg_ref = ctypes.byref(self._harvest_arg)
 
     @property
     def capacity_regions(self) -> int:
@@ -209,7 +229,7 @@ class PagemapScanner:
         arg.start = start
         arg.end = end
         arg.walk_end = 0
-        arg.vec = self._buffer.ctypes.data if n_slots else 0
+        arg.vec = self._buffer_address if n_slots else 0
         arg.vec_len = n_slots
         arg.max_pages = max_pages
         arg.category_inverted = category_inverted
@@ -279,26 +299,32 @@ class PagemapScanner:
         if start % PAGE_SIZE:
             _check_range(start, end)
         capacity = self.capacity_regions
+        arg = self._harvest_arg
         chunks: list[npt.NDArray[np.uint64]] = []
         position = start
         while True:
-            raw = self.ioctl(
-                position,
-                end,
-                flags=ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC,
-                category_mask=Category.WRITTEN,
-                return_mask=Category.WRITTEN,
-            )
-            n = raw.n_regions
+            # The hot path: the same call as self.ioctl(position, end, flags=_HARVEST_FLAGS,
+            # category_mask=WRITTEN, return_mask=WRITTEN), without re-filling nine fields.
+            arg.start = position
+            arg.end = end
+            arg.walk_end = 0
+            n = ioctl(self._fd, PAGEMAP_SCAN, self._harvest_arg_ref)
+            if n < 0:
+                written = int(Category.WRITTEN)
+                self._raise(-n, position, end, _HARVEST_FLAGS, written, 0, 0, written)
             if n < capacity:
                 if not chunks:
-                    return self._buffer[:n, :2].copy() if n else _EMPTY
-                chunks.append(self._buffer[:n, :2].copy())
+                    return self._starts_ends(n) if n else _EMPTY
+                chunks.append(self._starts_ends(n))
                 return _join(chunks)
-            chunks.append(self._buffer[:, :2].copy())
-            position = max(raw.walk_end, int(self._buffer[-1, 1]))
+            chunks.append(self._starts_ends(n))
+            position = max(int(arg.walk_end), int(self._buffer[-1, 1]))
             if position >= end:
                 return _join(chunks)
+
+    def _starts_ends(self, n_regions: int) -> npt.NDArray[np.uint64]:
+        """A fresh contiguous ``(n_regions, 2)`` copy of the buffer's first start/end columns."""
+        return self._start_end_pairs[:n_regions].copy().view(np.uint64).reshape(n_regions, 2)
 
     def _raise(self, err: int, start: int, end: int, flags: int, *masks: int) -> NoReturn:
         what = f"PAGEMAP_SCAN of pid {self.pid} [0x{start:x}, 0x{end:x})"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from .._exceptions import InvalidRange, UsageError
 from ..kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag, Userfaultfd
 from ..kernel._libc import libc
-from .regions import RegionArray, as_regions, page_addresses
+from .regions import RegionArray, page_addresses
 
 __all__ = [
     "WRITE_WATCH_FLAG_RESET",
@@ -179,4 +179,10 @@ class WriteWatch:
         self.close()
 
     def _check_inside_watch(self, start: int, end: int) -> None:
-        check_inside_one(as_regions(self._watches.items()), start, end)
+        # A plain loop over the few watches, not check_inside_one: this runs right before
+        # every scan, typically with cold caches, where four small numpy calls cost ~50 us
+        # (10% of a 1 GiB harvest at 1% written) and this loop ~5 us.
+        for w_start, w_end in self._watches.items():
+            if w_start <= start and end <= w_end:
+                return
+        raise InvalidRange(f"[0x{start:x}, 0x{end:x}) is not wholly inside one watched range")
