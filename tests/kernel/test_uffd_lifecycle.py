@@ -272,28 +272,33 @@ class TestAddressSpaceChanges:
 
 
 DONTNEED_CASES = [
+    # (kind, content after MADV_DONTNEED, whether the pages read written)
     # Anonymous content becomes zeros: a real change, reported.
-    ("anon", set(range(8))),
+    ("anon", 0x00, True),
     # Shared memory keeps its content in the page cache: a marker is kept, the pages read clean.
-    ("shmem", set()),
-    ("memfd", set()),
-    # Hazard: private file pages fall back to the file's content, yet read clean (marker kept).
-    ("file_private", set()),
+    ("shmem", 0x77, False),
+    ("memfd", 0x77, False),
+    ("hugetlb_memfd", 0x77, False),
+    ("hugetlb_shm", 0x77, False),
+    # Hazards: the private copies are dropped and the content changes (back to the file, or to
+    # zeros for private hugetlb), yet the kept marker makes the pages read clean.
+    ("file_private", 0x01, False),
+    ("memfd_private", 0x00, False),
+    ("hugetlb", 0x00, False),
 ]
 
 
-@pytest.mark.parametrize(("kind", "expected"), DONTNEED_CASES, ids=[c[0] for c in DONTNEED_CASES])
+@pytest.mark.parametrize(("kind", "content", "reported"), DONTNEED_CASES, ids=[c[0] for c in DONTNEED_CASES])
 def test_dontneed_after_protect(
-    make_mem: MemFactory, track: Callable[..., Tracked], kind: str, expected: set[int]
+    make_mem: MemFactory, track: Callable[..., Tracked], kind: str, content: int, reported: bool
 ) -> None:
     tracked = track(make_mem(kind, 8))
     mem = tracked.mem
     mem.write_all(0x77)
     tracked.protect()
     madvise(mem.addr, mem.length_bytes, MADV_DONTNEED)
-    assert tracked.harvest() == expected
-    if kind == "file_private":
-        assert mem.read(0) == 0x01
+    assert tracked.harvest() == (set(range(mem.n_pages)) if reported else set())
+    assert mem.read(0) == content
 
 
 def test_collapse_refuses_uffd_wp_ptes(make_mem: MemFactory, track: Callable[..., Tracked]) -> None:
