@@ -38,7 +38,7 @@ FIXTURES = Path(__file__).parent.parent / "fixtures"
 NOBODY = 65534
 
 # x86_64 syscall numbers the targets block in.
-NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL, NR_TGKILL = 0, 35, 202, 219, 234
+NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL, NR_TGKILL, NR_EPOLL_WAIT = 0, 35, 202, 219, 234, 232
 
 
 class Target:
@@ -240,6 +240,22 @@ def test_epoll_thread_is_never_chosen(launch: Callable[..., Target]) -> None:
         assert result.tid != target.tids["epoll"]
     with pytest.raises(InjectionRefused, match="EINTR"):
         inject_userfaultfd(target.pid, tid=target.tids["epoll"], deadline_s=0.2)
+    assert_unharmed(target)
+
+
+def test_epoll_thread_stopped_anyway_sees_no_eintr(
+    launch: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The race the vetting cannot close: the thread entered epoll_wait after it was chosen.
+    target = launch("--threads=epoll")
+    epoll = target.tids["epoll"]
+    monkeypatch.setattr(inject, "_TEST_UNVETTED_TID", True)
+    for _ in range(5):
+        result = inject_userfaultfd(target.pid, tid=epoll)
+        result.uffd.close()
+        assert result.tid == epoll
+    # Its -EINTR was turned into a restart: epoll_wait is simply called again.
+    wait_for(lambda: target.thread_syscall(epoll) == str(NR_EPOLL_WAIT))
     assert_unharmed(target)
 
 

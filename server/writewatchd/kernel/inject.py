@@ -31,26 +31,34 @@ Decisions:
 
 * **A helper process does the tracing.** Injections run in a long-lived child process of the
   caller (started lazily, one request at a time, fds passed back with SCM_RIGHTS). ptrace
-  binds a tracee to the *thread* that attached, and a thread that will not stop (state D)
-  cannot be detached at all; only the tracer's exit releases it. A helper can simply exit
-  then, leaving the target untouched, which a daemon cannot do.
+  binds a tracee to the *thread* that attached, and a seized thread that will not stop
+  (state D) cannot be detached at all: only the tracer's exit releases it. The helper
+  exits in that case (the next request starts a new one), leaving the target untouched.
 * **Daemon death inside the window is harmless**: the helper is a separate process, finishes
-  the injection (restoring the target's registers), detaches, and exits when it sees the
-  daemon's end of the socket closed. The target keeps running with its own registers; the
-  stolen uffd dies with the helper, which unregisters nothing since nothing was registered.
+  the injection (restoring the target's registers), detaches, and exits when it finds the
+  daemon's end of the socket closed. The target keeps running with its own registers and
+  an unchanged fd table; the stolen uffd dies with the helper (nothing was registered).
 * **Helper death inside the window kills the target.** ``PTRACE_O_EXITKILL`` is set only
-  while the target holds foreign registers (from the first ``PTRACE_SETREGS`` to the
-  ``PTRACE_DETACH``). A helper killed then takes the target with it (SIGKILL), never
-  leaving it running with wrong registers or a pending single-step SIGTRAP. A helper killed
-  before that point (seized, waiting for the stop) leaves the target unharmed. The helper
-  blocks catchable termination signals and asks for ``oom_score_adj = -1000``.
+  while the target holds foreign registers (from just before the first ``PTRACE_SETREGS``
+  until ``PTRACE_DETACH``). A helper killed then takes the target with it (SIGKILL),
+  never leaving it running with wrong registers or a pending single-step SIGTRAP; a helper
+  killed before (seized, waiting for the stop) leaves the target unharmed. The helper
+  blocks catchable termination signals and asks for ``oom_score_adj = -1000``. The same
+  rule covers an injected syscall that does not return within 5 s (it cannot block, so
+  the thread is wedged): the helper exits and the target dies rather than run on wrongly.
+* **Deadlines.** ``deadline_s`` bounds the choice of a thread and the wait for its stop.
+  Once stopped, each injected syscall has its own fixed bound, so a slow machine never
+  abandons a thread that holds our registers.
 * **Thread choice** (:func:`choose_thread`): a thread blocked in a restartable syscall first
   (read, futex, nanosleep, poll, wait...), then one running, then a group-stopped one,
-  then one blocked elsewhere. Never a thread in D state, and never one blocked in a syscall
-  that a ptrace stop turns into EINTR (``epoll_wait``, ``semop``, ``sigtimedwait``,
-  ``io_getevents`` and their variants; signal(7)). Should such a thread be stopped anyway
-  (it entered that syscall after we chose it), its ``-EINTR`` is rewritten to
-  ``-ERESTARTNOHAND`` so the syscall restarts (or fails with EINTR if a real handler runs).
+  then one blocked elsewhere, socket calls last. Never a thread in D state, and never one
+  blocked in a syscall that a ptrace stop turns into EINTR (``epoll_wait``, ``semop``,
+  ``sigtimedwait``, ``io_getevents`` and their variants; signal(7)). Should such a thread
+  be stopped anyway (it entered that syscall after we chose it), its ``-EINTR`` is
+  rewritten to ``-ERESTARTNOHAND`` so the syscall restarts (or fails with EINTR after all
+  if a real signal handler runs, as it would have).
+* **Seccomp** is evaluated for ``userfaultfd(flags)`` and ``close(0)`` (the fd number is
+  not known beforehand) with ``ip`` = the address after the gadget.
 """
 
 from __future__ import annotations
@@ -357,15 +365,16 @@ class _Session:
                 )
 
     def arm(self) -> None:
-        """Prepare the registers to restore, then make our death kill the target."""
+        """Make our death kill the target, then prepare the registers to restore."""
+        # First: the rseq fix-up already writes to the target.
+        setoptions(self.tid, PtraceOption.EXITKILL)
+        self.armed = True
         self._fix_rseq()
-        interrupted = self._first_stop.event and self._first_stop.stop_signal == signal.SIGTRAP
+        interrupted = bool(self._first_stop.event) and self._first_stop.stop_signal == signal.SIGTRAP
         eintr_prone = self.saved.orig_rax_signed in _EINTR_ON_STOP | _EINTR_WITH_TIMEOUT
         if interrupted and eintr_prone and self.saved.rax_signed == -errno.EINTR:
             # Our PTRACE_INTERRUPT made this syscall fail with EINTR: restart it instead.
             self.restored.rax = (-_ERESTARTNOHAND) & (2**64 - 1)
-        setoptions(self.tid, PtraceOption.EXITKILL)
-        self.armed = True
 
     def _fix_rseq(self) -> None:
         config = get_rseq_configuration(self.tid)
