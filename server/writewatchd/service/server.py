@@ -59,6 +59,9 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.address = self._bind()
+        # Not SERVING until the previous daemon's sessions are back: a client that waits for
+        # health must find them.
+        await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         adopted, dead = await self.manager.readopt()
         if adopted or dead:

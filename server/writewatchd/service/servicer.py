@@ -209,14 +209,12 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
     @_rpc
     async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResponse:
         session = self._session(request.session_id)
-        if not session.active:
-            raise SessionEnded(f"session {session.session_id} has ended")
         if request.end_address <= request.start_address:
             raise UsageError("end_address must be > start_address")
         result = await asyncio.get_running_loop().run_in_executor(
             self._manager.executor,
             functools.partial(
-                session.tracker.scan,
+                session.scan,
                 request.start_address,
                 request.end_address,
                 category_mask=request.category_mask,
@@ -280,8 +278,8 @@ def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
 def session_message(session: ManagedSession) -> pb.Session:
     """A ``Session`` snapshot."""
     record = session.record
-    stats = session.tracker.statistics
-    tracked: list[list[int]] = session.tracker.tracked.tolist() if session.active else []
+    stats = session.statistics
+    tracked: list[list[int]] = session.tracked.tolist()
     return pb.Session(
         session_id=record.session_id,
         pid=record.pid,

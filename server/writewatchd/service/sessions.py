@@ -27,11 +27,11 @@ from .._exceptions import (
     SessionNotFound,
     UsageError,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, Userfaultfd, read_status
+from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, read_status
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
-from ..tracking.regions import RegionArray, as_regions
-from ..tracking.tracker import Tracker
+from ..tracking.regions import EMPTY, RegionArray, as_regions
+from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
 from .hub import EndReason, Hub, Published, SessionEnd, Subscriber
@@ -75,7 +75,7 @@ class ManagedSession:
     def __init__(
         self,
         record: SessionRecord,
-        tracker: Tracker,
+        tracker: Tracker | None,
         manager: SessionManager,
         *,
         spawned: Any = None,
@@ -108,6 +108,21 @@ class ManagedSession:
         return self.record.state == "ACTIVE"
 
     @property
+    def tracked(self) -> RegionArray:
+        """The ranges tracked now (none once the session has ended)."""
+        return self.tracker.tracked if self.tracker is not None else EMPTY
+
+    @property
+    def statistics(self) -> HarvestStatistics:
+        """Harvest counters (zero for a session that ended before this daemon started)."""
+        return self.tracker.statistics if self.tracker is not None else HarvestStatistics()
+
+    def _live_tracker(self) -> Tracker:
+        if self.tracker is None or not self.active:
+            raise SessionEnded(f"session {self.session_id} has ended: {self.record.end_message}")
+        return self.tracker
+
+    @property
     def end(self) -> SessionEnd | None:
         """Why the session ended, once it has."""
         return self.hub.end
@@ -137,8 +152,9 @@ class ManagedSession:
             return delta
 
     def _harvest_in_thread(self) -> Published | None:
-        regions = self.tracker.harvest()
-        if len(regions) == 0 and not self.tracker.identity.is_alive():
+        tracker = self._live_tracker()
+        regions = tracker.harvest()
+        if len(regions) == 0 and not tracker.identity.is_alive():
             raise ProcessGone(3, "the process is gone")
         self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
         return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
@@ -183,20 +199,24 @@ class ManagedSession:
         view = self.view(view_id)
         if self.active:
             await self.harvest_now()
-        return view.get_write_watch(self.tracker.tracked, address, size_bytes, max_count=max_count, flags=flags)
+        return view.get_write_watch(self.tracked, address, size_bytes, max_count=max_count, flags=flags)
 
     async def reset_write_watch(self, view_id: str, address: int, size_bytes: int) -> None:
         """Win32 ``ResetWriteWatch`` on one view, after a harvest."""
         view = self.view(view_id)
         if self.active:
             await self.harvest_now()
-        view.reset_write_watch(self.tracker.tracked, address, size_bytes)
+        view.reset_write_watch(self.tracked, address, size_bytes)
 
     def subscribe(self, resume: tuple[int, int] | None, filter_ranges: RegionArray | None) -> Subscriber:
         """A new subscriber (see :meth:`Hub.subscribe`)."""
         if self.active and self.hub.n_subscribers >= self._manager.settings.max_subscribers_per_session:
             raise LimitExceeded(f"session {self.session_id} already has {self.hub.n_subscribers} subscribers")
-        return self.hub.subscribe(self.tracker.tracked, resume=resume, filter_ranges=filter_ranges)
+        return self.hub.subscribe(self.tracked, resume=resume, filter_ranges=filter_ranges)
+
+    def scan(self, start: int, end: int, **masks: int) -> ScanResult:
+        """A read-only PAGEMAP_SCAN of the target (blocking; run it in the executor)."""
+        return self._live_tracker().scan(start, end, **masks)
 
     def dirty_rate(self) -> DirtyRate:
         """Written pages/bytes/regions per second over the last second."""
@@ -210,9 +230,10 @@ class ManagedSession:
             raise UsageError("no ranges given")
         async with self._harvest_lock:
             loop = asyncio.get_running_loop()
-            change = self.tracker.add_ranges if add else self.tracker.remove_ranges
+            tracker = self._live_tracker()
+            change = tracker.add_ranges if add else tracker.remove_ranges
             await loop.run_in_executor(self._manager.executor, change, as_regions(ranges))
-            self.record.ranges = [(int(s), int(e)) for s, e in self.tracker.tracked.tolist()]
+            self.record.ranges = [(int(s), int(e)) for s, e in tracker.tracked.tolist()]
         await self._manager.persist(self.record)
 
     async def finish(self, reason: EndReason, message: str) -> None:
@@ -226,7 +247,8 @@ class ManagedSession:
         task = self._task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-        await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
+        if self.tracker is not None:
+            await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
         self._reap()
         await self._manager.persist(self.record)
 
@@ -302,13 +324,12 @@ class SessionManager:
         adopted: list[ManagedSession] = []
         dead: list[SessionRecord] = []
         loop = asyncio.get_running_loop()
+        for record in self.store.load("ENDED"):
+            self._add_ended(record)
         for record in self.store.load("ACTIVE"):
             identity = ProcessIdentity(record.pid, record.start_time_ticks)
             if not identity.is_alive():
-                record.state = "ENDED"
-                record.end_reason = int(EndReason.EXITED)
-                record.end_message = "the process exited while the daemon was down"
-                await self.persist(record)
+                await self._record_ended(record, EndReason.EXITED, "the process exited while the daemon was down")
                 dead.append(record)
                 continue
             try:
@@ -319,10 +340,7 @@ class SessionManager:
                 )
             except Exception as exc:
                 log.warning("could not re-adopt session %s (pid %d): %s", record.session_id, record.pid, exc)
-                record.state = "ENDED"
-                record.end_reason = int(EndReason.ERROR)
-                record.end_message = f"re-adoption failed: {exc}"
-                await self.persist(record)
+                await self._record_ended(record, EndReason.ERROR, f"re-adoption failed: {exc}")
                 dead.append(record)
                 continue
             record.epoch = time.time_ns()
@@ -333,6 +351,18 @@ class SessionManager:
             session.start()
             adopted.append(session)
         return adopted, dead
+
+    async def _record_ended(self, record: SessionRecord, reason: EndReason, message: str) -> None:
+        record.state = "ENDED"
+        record.end_reason = int(reason)
+        record.end_message = message
+        await self.persist(record)
+        self._add_ended(record)
+
+    def _add_ended(self, record: SessionRecord) -> None:
+        session = ManagedSession(record, None, self)
+        session.hub.finish(EndReason(record.end_reason or EndReason.ERROR), record.end_message)
+        self._sessions[record.session_id] = session
 
     async def delete(self, session_id: str) -> None:
         """End a session (reason DELETED), release everything, and forget it."""
@@ -351,7 +381,8 @@ class SessionManager:
                     task.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
-                session.tracker.close()
+                if session.tracker is not None:
+                    session.tracker.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def _tick_interval(self, requested_ms: int) -> int:
