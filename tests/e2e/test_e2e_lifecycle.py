@@ -147,5 +147,6 @@ def test_sessions_are_listed_with_labels(client: writewatch.Client, target: Coop
     listed = {s.id: s.info() for s in client.sessions()}
     assert listed[session.id].labels == {"team": "compat"}
     assert listed[session.id].n_tracked_pages == target.n_pages
+    assert listed[session.id].comm == "coop_target"
     time.sleep(0.2)
     assert client.session(session.id).info().statistics.n_harvests >= 2

@@ -305,6 +305,7 @@ def session_message(session: ManagedSession) -> pb.Session:
             n_views=len(session.views),
         ),
         n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
+        comm=record.comm,
     )
 
 

@@ -26,6 +26,7 @@ from .._exceptions import (
     SessionEnded,
     SessionNotFound,
     UsageError,
+    WriteWatchError,
 )
 from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, read_status
 from ..tracking.delta import Delta
@@ -308,6 +309,7 @@ class SessionManager:
             uffd_fd=spec.uffd_fd,
             argv=list(spec.argv),
             epoch=time.time_ns(),
+            comm=_comm(pid),
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session
@@ -458,6 +460,13 @@ def _check_pid(pid: int) -> None:
         read_status(pid)
     except ProcessGone:
         raise ProcessGone(3, f"process {pid} does not exist") from None
+
+
+def _comm(pid: int) -> str:
+    try:
+        return read_status(pid).name
+    except WriteWatchError:
+        return ""
 
 
 def _new_session_id() -> str:

@@ -30,6 +30,7 @@ class SessionRecord:
     end_reason: int = 0
     end_message: str = ""
     epoch: int = 0
+    comm: str = ""
 
 
 class StateStore:
