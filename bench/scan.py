@@ -1,6 +1,6 @@
 """WriteWatch.harvest against a bare ctypes PAGEMAP_SCAN over the same memory, interleaved.
 
-    .venv/bin/python bench/scan.py            # 1 GiB, 21 rounds per case
+    .venv/bin/python bench/scan.py            # 1 GiB, 31 rounds per case
     .venv/bin/python bench/scan.py --quick    # 64 MiB, 5 rounds: a smoke run
     .venv/bin/python bench/scan.py --json     # machine-readable
 
@@ -271,7 +271,7 @@ def format_table(results: list[CaseResult], size_bytes: int, rounds: int) -> str
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mib", type=int, default=1024, help="memory size (default 1024)")
-    parser.add_argument("--rounds", type=int, default=21, help="measured rounds per case (default 21)")
+    parser.add_argument("--rounds", type=int, default=31, help="measured rounds per case (default 31)")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (default 3)")
     parser.add_argument("--prep", action="append", choices=["read", "write"], help="populate by (default both)")
     parser.add_argument("--percent", action="append", type=float, help="written share (default 0, 1, 14)")

@@ -160,10 +160,14 @@ class WriteWatch:
 
     def harvest(self, address: int, length_bytes: int) -> RegionArray:
         """The written regions of the range as ``(n, 2)`` uint64 ``[start, end)``, and reset them."""
-        start, end = page_span(address, length_bytes)
         with self._lock:
-            self._check_inside_watch(start, end)
-            return self._scanner.harvest(start, end)
+            end = address + length_bytes
+            # The usual call names exactly one watch, which is already aligned and checked;
+            # skipping the general rounding and search saves ~1% of a 1 GiB harvest.
+            if self._watches.get(address) != end:
+                address, end = page_span(address, length_bytes)
+                self._check_inside_watch(address, end)
+            return self._scanner.harvest(address, end)
 
     def close(self) -> None:
         """Drop every watch (closing the userfaultfd unregisters them all)."""
