@@ -74,7 +74,7 @@ class Buffer:
             ctypes.memset(self.page(index), 0x5A, 1)
 
     def read_all(self) -> int:
-        """Touch every byte-page for reading; returns a checksum so the reads are not elided."""
+        """Read one byte of every page; returns their sum so the reads have a use."""
         return sum(self.mapping[i * PAGE_SIZE] for i in range(self.length_bytes // PAGE_SIZE))
 
 
