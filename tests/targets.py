@@ -58,6 +58,11 @@ class CoopTarget:
         """User-mode stores into pages ``page .. page + n_pages - 1``."""
         self.command(f"w {page} {n_pages}")
 
+    def stride_write(self, page: int, n_pages: int, stride_pages: int) -> set[int]:
+        """User-mode stores into ``n_pages`` pages from ``page``, every ``stride_pages``-th; returns them."""
+        self.command(f"s {page} {n_pages} {stride_pages}")
+        return {p for p in range(page, page + n_pages * stride_pages, stride_pages) if p < self.n_pages}
+
     def kernel_write(self, page: int) -> None:
         """A kernel-mode write (read() from /dev/zero) into ``page``."""
         self.command(f"k {page}")

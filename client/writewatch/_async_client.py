@@ -263,7 +263,10 @@ class AsyncSession:
                 async for response in call:
                     failures = 0
                     if response.HasField("session_ended"):
-                        self.end_reason = EndReason(response.session_ended.reason)
+                        reason = EndReason(response.session_ended.reason)
+                        if reason == EndReason.EVICTED and reconnect:
+                            break  # the daemon dropped this stalled stream: reopen from the cursor
+                        self.end_reason = reason
                         self.end_message = response.session_ended.message
                         return
                     delta = assembler.add(response.delta)
@@ -271,7 +274,9 @@ class AsyncSession:
                         continue
                     cursor = (delta.epoch, delta.seq)
                     yield delta
-                return
+                else:
+                    return
+                assembler.reset()
             except grpc.RpcError as error:
                 failures += 1
                 if not should_retry(error, reconnect, failures, self.client.retry):

@@ -110,7 +110,12 @@ class RawSlowReader:
     def __init__(self, address: str, session_id: str, pause_s: float) -> None:
         self.channel = grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
         self.deltas: list[tuple[int, int, np.ndarray]] = []
+        self.error: grpc.RpcError | None = None
+        self.end: writewatch.pb.SessionEnded | None = None
         self._call = WriteWatchStub(self.channel).Subscribe(writewatch.pb.SubscribeRequest(session_id=session_id))
+        # Set when the daemon ends the call, even while the reader sleeps.
+        self.ended = threading.Event()
+        self._call.add_done_callback(lambda _: self.ended.set())
         self._pause_s = pause_s
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -119,11 +124,12 @@ class RawSlowReader:
         try:
             self._read()
         except grpc.RpcError as error:
-            assert error.code() == grpc.StatusCode.CANCELLED  # only our own close ends it early
+            self.error = error
 
     def _read(self) -> None:
         for response in self._call:
             if response.HasField("session_ended"):
+                self.end = response.session_ended
                 return
             delta = response.delta
             assert delta.n_fragments == 1
@@ -136,6 +142,12 @@ class RawSlowReader:
         while not self.deltas or self.deltas[-1][1] < seq:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+
+    def code(self) -> grpc.StatusCode:
+        return self._call.code()
+
+    def details(self) -> str:
+        return self._call.details() or ""
 
     def close(self) -> None:
         self._call.cancel()
@@ -234,3 +246,50 @@ def test_scan_reports_categories(client: writewatch.Client, target: CoopTarget) 
     assert target.pages(result.regions) == {0, 1, 2, 3}
     assert result.categories.tolist() == [present]
     assert result.complete
+
+
+def test_big_deltas_arrive_in_fragments_and_are_reassembled(
+    client: writewatch.Client, request: pytest.FixtureRequest
+) -> None:
+    target = CoopTarget(1 << 18)  # 1 GiB of address space; every other page written gives 131,072 regions
+    request.addfinalizer(target.kill)
+    session = _attach(client, target, tick_interval_ms=3_600_000)
+    collector = Collector(session)
+    collector.wait_for_seq(1)
+    written = target.stride_write(0, target.n_pages // 2, 2)
+    delta = session.harvest()
+    assert delta is not None and delta.n_regions == len(written)
+    collector.wait_for_seq(delta.seq)
+    (streamed,) = [d for d in collector.deltas if d.seq == delta.seq]
+    assert np.array_equal(streamed.regions, delta.regions)
+    assert target.pages(streamed.regions) == written
+
+
+@pytest.mark.parametrize(
+    "daemon_env", [{"WRITEWATCHD_SUBSCRIBER_EVICT_AFTER_MS": "300", "WRITEWATCHD_SUBSCRIBER_QUEUE_DELTAS": "2"}]
+)
+def test_a_stuck_subscriber_is_evicted_and_told_so_and_the_others_continue(
+    client: writewatch.Client, daemon: DaemonProcess, request: pytest.FixtureRequest
+) -> None:
+    target = CoopTarget(1 << 16)
+    request.addfinalizer(target.kill)
+    session = _attach(client, target, tick_interval_ms=3_600_000)
+    stuck = RawSlowReader(daemon.address, session.id, pause_s=4.0)
+    request.addfinalizer(stuck.close)
+    healthy = Collector(session)
+    healthy.wait_for_seq(1)
+    deadline = time.monotonic() + 20
+    seed = 0
+    while session.info().statistics.n_subscribers > 1:  # the daemon dropped the stuck stream
+        assert time.monotonic() < deadline, "the stuck stream was never evicted"
+        seed += 1
+        target.stride_write(seed % 2, target.n_pages // 2, 2)
+        session.harvest()
+    target.write(7)
+    delta = session.harvest()
+    assert delta is not None
+    healthy.wait_for_seq(delta.seq)
+    healthy.check_sequence()
+    stuck.ended.wait(20)  # once it reads again it learns why the stream ended
+    assert stuck.end is not None and stuck.end.reason == writewatch.pb.END_REASON_EVICTED
+    assert "evicted" in stuck.end.message

@@ -259,8 +259,9 @@ class Hub:
         self._subscribers.clear()
 
     def evict(self, subscriber: Subscriber, message: str) -> None:
-        """Drop one subscriber with reason EVICTED."""
+        """Drop one subscriber and its queue; its next item is the end, reason EVICTED."""
         self._subscribers.discard(subscriber)
+        subscriber._queue.clear()
         subscriber._finish(SessionEnd(EndReason.EVICTED, message))
 
     def _resync(self, tracked: RegionArray, *, first_seq: int) -> Published:

@@ -35,7 +35,7 @@ from .._exceptions import (
 )
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import probe
-from .hub import SessionEnd
+from .hub import SessionEnd, Subscriber
 from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
 
@@ -186,15 +186,28 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
                     await context.write(ended_frame(item))
                     return
                 for frame in item.frames:
-                    try:
-                        await asyncio.wait_for(context.write(frame), evict_after_s)
-                    except TimeoutError:
-                        message = f"evicted: the subscriber did not read for {evict_after_s:g} s"
-                        session.hub.evict(subscriber, message)
-                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
-                        return
+                    await self._write_or_evict(context, frame, session, subscriber, evict_after_s)
         finally:
             subscriber.close()
+
+    @staticmethod
+    async def _write_or_evict(
+        context: Any, frame: bytes, session: ManagedSession, subscriber: Subscriber, evict_after_s: float
+    ) -> None:
+        """Write one frame; a stream blocked past the deadline is evicted from the hub.
+
+        The blocked write itself cannot be withdrawn (gRPC has no way to send a status past
+        queued data), so the stream stays open holding that one frame; once the client reads
+        again it gets the rest of the frame and then ``SessionEnded(EVICTED)``, and can
+        resume from its cursor. Meanwhile the hub queues nothing more for it.
+        """
+        write = asyncio.ensure_future(context.write(frame))
+        done, _ = await asyncio.wait({write}, timeout=evict_after_s)
+        if not done:
+            message = f"evicted: the subscriber did not read for {evict_after_s:g} s; resume from your last delta"
+            log.warning("session %s: %s", session.session_id, message)
+            session.hub.evict(subscriber, message)
+        await write
 
     @_rpc
     async def Harvest(self, request: pb.HarvestRequest, context: Any) -> pb.HarvestResponse:

@@ -155,7 +155,9 @@ class ManagedSession:
     def _harvest_in_thread(self) -> Published | None:
         tracker = self._live_tracker()
         regions = tracker.harvest()
-        if len(regions) == 0 and not tracker.identity.is_alive():
+        # A scan of an exited process already raised ProcessGone (ESRCH, even as a zombie);
+        # only a tracker with nothing to scan needs /proc, which costs more than the scan.
+        if len(regions) == 0 and len(tracker.tracked) == 0 and not tracker.identity.is_alive():
             raise ProcessGone(3, "the process is gone")
         self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
         return self.hub.prepare(regions, resync=self.hub.last_seq == 0)

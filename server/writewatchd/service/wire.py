@@ -25,9 +25,19 @@ __all__ = [
 
 
 def delta_message(
-    session_id: str, delta: Delta, regions: RegionArray | None = None, index: int = 0, count: int = 1
+    session_id: str,
+    delta: Delta,
+    regions: RegionArray | None = None,
+    index: int = 0,
+    count: int = 1,
+    *,
+    n_pages: int | None = None,
 ) -> pb.Delta:
-    """One ``Delta`` message (fragment ``index`` of ``count``) carrying ``regions``."""
+    """One ``Delta`` message (fragment ``index`` of ``count``) carrying ``regions``.
+
+    ``n_pages`` is the delta's page count when the caller already has it (a pass over all
+    regions otherwise).
+    """
     return pb.Delta(
         session_id=session_id,
         epoch=delta.epoch,
@@ -39,15 +49,18 @@ def delta_message(
         fragment_index=index,
         n_fragments=count,
         n_regions=delta.n_regions,
-        n_pages=delta.n_pages,
+        n_pages=delta.n_pages if n_pages is None else n_pages,
     )
 
 
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
     chunks = split_regions(delta.regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
+    n_pages = delta.n_pages
     return [
-        pb.SubscribeResponse(delta=delta_message(session_id, delta, chunk, i, len(chunks))).SerializeToString()
+        pb.SubscribeResponse(
+            delta=delta_message(session_id, delta, chunk, i, len(chunks), n_pages=n_pages)
+        ).SerializeToString()
         for i, chunk in enumerate(chunks)
     ]
 
