@@ -18,6 +18,7 @@ from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 
 from .._exceptions import UsageError
 from ..tracking.delta import Delta
+from .metrics import serve_metrics
 from .servicer import WriteWatchServicer, generic_handler
 from .sessions import SessionManager
 from .settings import Settings
@@ -63,6 +64,9 @@ class Daemon:
         # health must find them.
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.settings.metrics_port:
+            port = serve_metrics(self.manager, self.settings.metrics_port)
+            log.info("metrics on http://127.0.0.1:%d/metrics", port)
         adopted, dead = await self.manager.readopt()
         if adopted or dead:
             log.info("re-adopted %d sessions; %d had exited", len(adopted), len(dead))

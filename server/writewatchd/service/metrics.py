@@ -1,0 +1,50 @@
+"""Prometheus metrics, computed from the sessions at scrape time: nothing on the hot path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .sessions import SessionManager
+
+__all__ = ["serve_metrics", "session_registry"]
+
+
+class _SessionCollector(Collector):
+    def __init__(self, manager: SessionManager) -> None:
+        self._manager = manager
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        sessions = self._manager.sessions()
+        active = [s for s in sessions if s.active]
+        yield GaugeMetricFamily("writewatchd_sessions", "Sessions tracking a live process", value=len(active))
+        yield GaugeMetricFamily(
+            "writewatchd_subscribers", "Connected subscribers", value=sum(s.hub.n_subscribers for s in active)
+        )
+        counters = {
+            "writewatchd_harvests": ("Harvests since the daemon started", "n_harvests", 1.0),
+            "writewatchd_harvest_seconds": ("Time spent harvesting", "total_harvest_ns", 1e-9),
+            "writewatchd_regions": ("Written regions reported", "n_regions", 1.0),
+            "writewatchd_pages": ("Written pages reported", "n_pages", 1.0),
+        }
+        for name, (help_text, field, scale) in counters.items():
+            family = CounterMetricFamily(name, help_text, labels=["session"])
+            for session in active:
+                family.add_metric([session.session_id], getattr(session.statistics, field) * scale)
+            yield family
+
+
+def session_registry(manager: SessionManager) -> CollectorRegistry:
+    """A registry exposing ``manager``'s sessions."""
+    registry = CollectorRegistry()
+    registry.register(_SessionCollector(manager))
+    return registry
+
+
+def serve_metrics(manager: SessionManager, port: int) -> int:
+    """Serve ``/metrics`` on ``127.0.0.1:port`` (0 picks a free port); returns the port."""
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=session_registry(manager))
+    return int(server.server_port)
