@@ -151,11 +151,13 @@ class Tracker:
             started_ns = time.perf_counter_ns()
             if self.auto:
                 self._refresh_auto()
-            chunks = [self._pending_written.regions]
+            chunks = [self._pending_written.regions] if len(self._pending_written) else []
             self._pending_written.clear()
             for start, end in self._registered.regions.tolist():
-                chunks.append(self._harvest_range(start, end))
-            regions = merge(np.concatenate(chunks)) if len(chunks) > 1 else merge(chunks[0])
+                found = self._harvest_range(start, end)
+                if len(found):
+                    chunks.append(found)
+            regions = _union(chunks)
             elapsed_ns = time.perf_counter_ns() - started_ns
             stats = self.statistics
             stats.n_harvests += 1
@@ -253,6 +255,18 @@ class Tracker:
         errors = self.statistics.last_errors
         errors.append(message)
         del errors[:-8]
+
+
+def _union(chunks: list[RegionArray]) -> RegionArray:
+    """The merged union of harvest chunks, each already sorted and merged (a scan or the pending set)."""
+    if not chunks:
+        return EMPTY
+    if len(chunks) == 1:
+        # The common case, one range: the kernel already merged adjacent pages, so a full
+        # merge (several passes over every region) is only needed if two rows touch.
+        regions = chunks[0]
+        return merge(regions) if np.any(regions[1:, 0] <= regions[:-1, 1]) else regions
+    return merge(np.concatenate(chunks))
 
 
 def _minus(a: RegionArray, b: RegionArray) -> RegionArray:
