@@ -150,3 +150,11 @@ def test_sessions_are_listed_with_labels(client: writewatch.Client, target: Coop
     assert listed[session.id].comm == "coop_target"
     time.sleep(0.2)
     assert client.session(session.id).info().statistics.n_harvests >= 2
+
+
+def test_exec_ends_the_session_with_reason_execed(client: writewatch.Client) -> None:
+    session = client.spawn(["/bin/sh", "-c", "sleep 0.3; exec sleep 2"], ranges="auto", tick_interval_ms=10)
+    for _ in session.subscribe():
+        pass
+    assert session.end_reason == writewatch.EndReason.EXECED
+    assert "executed a new program" in session.info().end_message

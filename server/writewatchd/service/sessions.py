@@ -143,7 +143,7 @@ class ManagedSession:
             try:
                 published = await loop.run_in_executor(self._manager.executor, self._harvest_in_thread)
             except ProcessGone as exc:
-                await self.finish(EndReason.EXITED, f"process {self.record.pid} exited ({exc})")
+                await self._finish_gone(exc)
                 return None
             if published is None:
                 return None
@@ -151,6 +151,14 @@ class ManagedSession:
             for view in self.views.values():
                 view.add(delta.regions)
             return delta
+
+    async def _finish_gone(self, exc: ProcessGone) -> None:
+        pid = self.record.pid
+        if self.tracker is not None and self.tracker.identity.is_alive():
+            # Same pid, same start time, but the tracked memory is gone: an execve.
+            await self.finish(EndReason.EXECED, f"process {pid} executed a new program; attach again to track it")
+            return
+        await self.finish(EndReason.EXITED, f"process {pid} exited ({exc})")
 
     def _harvest_in_thread(self) -> Published | None:
         tracker = self._live_tracker()
