@@ -156,5 +156,5 @@ def test_exec_ends_the_session_with_reason_execed(client: writewatch.Client) -> 
     session = client.spawn(["/bin/sh", "-c", "sleep 0.3; exec sleep 2"], ranges="auto", tick_interval_ms=10)
     for _ in session.subscribe():
         pass
-    assert session.end_reason == writewatch.EndReason.EXECED
+    assert session.end_reason == writewatch.EndReason.EXECED, session.info().end_message
     assert "executed a new program" in session.info().end_message

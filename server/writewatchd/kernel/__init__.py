@@ -15,7 +15,16 @@ from .pagemap import (
     ScanResult,
 )
 from .pidfd import pidfd_getfd, pidfd_open
-from .procfs import Mapping, MappingPerm, ProcessIdentity, ProcessStatus, read_maps, read_status, thread_ids
+from .procfs import (
+    Mapping,
+    MappingPerm,
+    ProcessIdentity,
+    ProcessStatus,
+    mm_fingerprint,
+    read_maps,
+    read_status,
+    thread_ids,
+)
 from .spawn import SpawnedProcess, spawn_tracked
 from .uffd import TRACKING_FEATURES, RegisterMode, UffdFeature, Userfaultfd, is_userfaultfd
 
@@ -36,6 +45,7 @@ __all__ = [
     "UffdFeature",
     "Userfaultfd",
     "is_userfaultfd",
+    "mm_fingerprint",
     "pidfd_getfd",
     "pidfd_open",
     "read_maps",

@@ -11,6 +11,7 @@ from ._libc import raise_errno
 
 __all__ = [
     "Mapping",
+    "mm_fingerprint",
     "MappingPerm",
     "ProcessIdentity",
     "ProcessStatus",
@@ -134,6 +135,14 @@ class ProcessIdentity:
             return False
         after_comm = stat[stat.rindex(")") + 2 :].split()
         return int(after_comm[19]) == self.start_time_ticks and after_comm[0] not in ("Z", "X")
+
+
+def mm_fingerprint(pid: int) -> tuple[int, ...]:
+    """Addresses an execve re-chooses (code, stack, argument block): they change when the mm is replaced."""
+    stat = _read(pid, "stat")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # start_code, end_code, start_stack (fields 26-28) and arg_start (48), counted from 1.
+    return tuple(int(fields[i - 3]) for i in (26, 27, 28, 48))
 
 
 @dataclass(frozen=True, slots=True)

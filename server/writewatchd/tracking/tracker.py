@@ -33,6 +33,7 @@ from ..kernel import (
     ScanResult,
     UffdFeature,
     Userfaultfd,
+    mm_fingerprint,
     read_maps,
 )
 from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge
@@ -97,6 +98,8 @@ class Tracker:
         self._registered = RegionSet()
         self._pending_written = RegionSet()
         self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
+        self._mm_fingerprint = mm_fingerprint(identity.pid)
+        self._mm_checked_ns = time.perf_counter_ns()
         try:
             features = uffd.api()
             if UffdFeature.WP_ASYNC not in features:
@@ -149,6 +152,7 @@ class Tracker:
         """
         with self._lock:
             started_ns = time.perf_counter_ns()
+            self._check_same_mm(started_ns)
             if self.auto:
                 self._refresh_auto()
             chunks = [self._pending_written.regions] if len(self._pending_written) else []
@@ -180,6 +184,18 @@ class Tracker:
             self._uffd.close()
             self._scanner.close()
             self._registered.clear()
+
+    def _check_same_mm(self, now_ns: int) -> None:
+        """Raise ProcessGone once an execve has replaced the tracked memory.
+
+        After an execve the old mm answers scans with nothing and registrations with ENOMEM,
+        which would look like an idle process forever; /proc/PID/stat tells, once a second.
+        """
+        if now_ns - self._mm_checked_ns < 1_000_000_000:
+            return
+        self._mm_checked_ns = now_ns
+        if mm_fingerprint(self.pid) != self._mm_fingerprint:
+            raise ProcessGone(3, f"pid {self.pid} executed a new program; the tracked memory is gone")
 
     def _harvest_range(self, start: int, end: int) -> RegionArray:
         try:
