@@ -283,7 +283,12 @@ class Daemon:
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL if needed; removes the temporary directory."""
-        if self.proc.poll() is None:
+        if self.proc.poll() is not None:
+            # Died on its own: keep the evidence on stderr before the directory goes.
+            self.log.flush()
+            tail = (self.tmp / "daemon.log").read_text()[-4000:]
+            print(f"writewatchd exited with {self.proc.returncode}; its log ends:\n{tail}", file=sys.stderr)
+        else:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(15)
