@@ -123,6 +123,26 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
 }
 
 
+def _hand_written_sections(path: Path) -> list[str]:
+    """Sections of an existing report that this runner did not generate (their titles do not start with a digit).
+
+    Other engineers document their own benchmarks in RESULTS.md (bench/scan.py's method and
+    fixes); rewriting the file must not lose that.
+    """
+    if not path.exists():
+        return []
+    text = path.read_text()
+    marker = "\n# Notes kept from the previous RESULTS.md"
+    if marker in text:
+        text = text.split(marker, 1)[0] + "\n" + text.split(marker, 1)[1].split("\n", 1)[1]
+    sections = re.split(r"^(?=## )", text, flags=re.MULTILINE)
+    return [
+        s.rstrip() + "\n"
+        for s in sections
+        if s.startswith("## ") and not s[3:4].isdigit() and ": FAILED" not in s.split("\n", 1)[0]
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds; print, do not write RESULTS.md")
@@ -156,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
         print(section.markdown(), flush=True)
         parts.append(section.markdown())
     parts.append(f"Total run time: {time.monotonic() - started:.0f} s.")
+    kept = _hand_written_sections(RESULTS)
+    if kept:
+        parts += ["", "# Notes kept from the previous RESULTS.md (written by hand, not by this run)", "", *kept]
     report = "\n".join(parts) + "\n"
     output = args.output or (None if args.quick or args.only else RESULTS)
     if output is not None:
