@@ -67,9 +67,16 @@ class WatchStats:
         return cls(snapshot.session_id, snapshot.pid, _ranges_array(snapshot))
 
     def set_ranges(self, snapshot: pb.Session) -> None:
-        """Follow new tracked ranges (after a resync); per-range counts restart."""
+        """Follow the tracked ranges as they change; ranges that stay keep their counts."""
+        kept = {(int(s), int(e)): n for (s, e), n in zip(self.ranges.tolist(), self.pages_per_range, strict=False)}
         self.ranges = _ranges_array(snapshot)
         self.pages_per_range = np.zeros(len(self.ranges) + 1)
+        for i, (start, end) in enumerate(self.ranges.tolist()):
+            self.pages_per_range[i] = kept.get((int(start), int(end)), 0.0)
+
+    def outside_pages(self) -> float:
+        """Pages counted outside every known range (auto sessions map new memory)."""
+        return float(self.pages_per_range[-1])
 
     def add(self, delta: Delta, now_s: float | None = None) -> None:
         """Account one delta."""
@@ -252,8 +259,14 @@ def _async_client(client_or_address: AsyncClient | Client | str | None) -> tuple
 
 
 async def _consume(session: AsyncSession, stats: WatchStats, start: tuple[int, int]) -> None:
+    ranges_read_s = time.monotonic()
     async for delta in session.subscribe(resume=start):
         if delta.resync:
             # A resync follows a change of epoch, often with new mappings: re-read the ranges.
             stats.set_ranges(await session.info())
+        outside_before = stats.outside_pages()
         stats.add(delta)
+        if stats.outside_pages() > outside_before and time.monotonic() - ranges_read_s > 1.0:
+            # Writes outside the known ranges: the session tracks new mappings now.
+            stats.set_ranges(await session.info())
+            ranges_read_s = time.monotonic()
