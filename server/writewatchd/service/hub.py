@@ -14,7 +14,6 @@ calls from its worker thread while it holds the session's harvest lock.
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -22,23 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from writewatch import EndReason
+
 from ..tracking.delta import Delta, merge_deltas
 from ..tracking.regions import RegionArray, RegionSet
 
 __all__ = ["EndReason", "Hub", "HubStatistics", "Published", "SessionEnd", "Subscriber", "SubscriberStatistics"]
 
 Encoder = Callable[[Delta], Sequence[bytes]]
-
-
-class EndReason(enum.IntEnum):
-    """Why a stream ended (values match ``writewatch.v1.EndReason``)."""
-
-    EXITED = 1
-    DELETED = 2
-    DAEMON_SHUTDOWN = 3
-    EVICTED = 4
-    EXECED = 5
-    ERROR = 6
 
 
 @dataclass(frozen=True, slots=True)

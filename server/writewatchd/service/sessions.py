@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import functools
 import logging
 import secrets
@@ -19,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
+
+from writewatch import AttachMode
 
 from .._exceptions import (
     LimitExceeded,
@@ -44,14 +45,6 @@ __all__ = ["AttachMode", "ManagedSession", "SessionManager", "SessionSpec"]
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[str, Delta], Sequence[bytes]]
-
-
-class AttachMode(enum.IntEnum):
-    """How the daemon obtained the target's userfaultfd (values match ``writewatch.v1.AttachMode``)."""
-
-    COOPERATIVE = 1
-    INJECT = 2
-    SPAWN = 3
 
 
 @dataclass(frozen=True, slots=True)
