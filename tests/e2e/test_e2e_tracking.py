@@ -290,6 +290,6 @@ def test_a_stuck_subscriber_is_evicted_and_told_so_and_the_others_continue(
     assert delta is not None
     healthy.wait_for_seq(delta.seq)
     healthy.check_sequence()
-    stuck.ended.wait(20)  # once it reads again it learns why the stream ended
+    stuck.thread.join(20)  # once it reads again it learns why the stream ended
     assert stuck.end is not None and stuck.end.reason == writewatch.pb.END_REASON_EVICTED
     assert "evicted" in stuck.end.message
