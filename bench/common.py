@@ -253,8 +253,12 @@ class Daemon:
                 "WARNING",
             ],
             env=env,
+            stdin=subprocess.DEVNULL,
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # Its own session: a signal meant for the runner's terminal or process group
+            # (Ctrl-C, a job-control cleanup) must not stop the daemon in mid-measurement.
+            start_new_session=True,
         )
         self.pid = self.proc.pid
         self._wait_ready()
