@@ -241,7 +241,7 @@ def run(quick: bool) -> Section:
     rpc_cases, rpc_floor = over_grpc(grpc_size, percents, rounds)
 
     section = Section(
-        "1. Harvest overhead",
+        "1b. Harvest overhead: the daemon's harvest, and WriteWatch at 16 GiB and 100 %",
         "in-process `WriteWatch.harvest` <= 1.10x the bare ctypes PAGEMAP_SCAN; the daemon's harvest "
         "(`Tracker.harvest()` + `Hub.prepare` with the real `wire.delta_frames` encoder) <= 1.15x.",
         ["candidate", "size", "written", "regions", "bare ms", "candidate ms", "ratio (per round)"],

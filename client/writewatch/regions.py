@@ -139,7 +139,9 @@ def split_regions(
     if max_bytes < _WIDE_PAIR_BYTES:
         raise ValueError(f"max_bytes must be at least {_WIDE_PAIR_BYTES}")
     array = _as_regions(regions)
-    if len(array) == 0:
+    if len(array) * _WIDE_PAIR_BYTES <= max_bytes:
+        # One chunk even at the widest encoding: no need to compute the pairs here (each
+        # chunk is validated when it is encoded).
         return [array]
     pairs = _pairs(array, int(array[0, 0]), page_size_bytes)
     # Inside a chunk the first gap becomes 0, so a chunk is narrow whenever the whole is;

@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 SECTION_TITLES = [
     "1a. Harvest overhead in-process",
-    "1. Harvest overhead",
+    "1b. Harvest overhead: the daemon",
     "2. Cost to the target",
     "3. Fan-out",
     "4. Latency",
