@@ -87,11 +87,17 @@ def encode_regions(
     base = int(array[0, 0]) if base_address is None else base_address
     pairs = _pairs(array, base, page_size_bytes)
     packed = PackedRegions(base_address=base, page_size_bytes=_wire_page_size(page_size_bytes))
-    if int(pairs.max()) <= _U32_MAX:
+    if (base == int(array[0, 0]) and _narrow(array, page_size_bytes)) or int(pairs.max()) <= _U32_MAX:
         packed.pairs = pairs.astype("<u4").tobytes()
     else:
         packed.wide_pairs = pairs.astype("<u8").tobytes()
     return packed
+
+
+def _narrow(regions: Regions, page_size_bytes: int) -> bool:
+    """Whether u32 pairs surely suffice (relative to the first start): no gap or length can
+    exceed the whole span, so a span under 2**32 pages settles it without a pass."""
+    return (int(regions[-1, 1]) - int(regions[0, 0])) // page_size_bytes <= _U32_MAX
 
 
 def _wire_page_size(page_size_bytes: int) -> int:
@@ -143,10 +149,9 @@ def split_regions(
         # One chunk even at the widest encoding: no need to compute the pairs here (each
         # chunk is validated when it is encoded).
         return [array]
-    pairs = _pairs(array, int(array[0, 0]), page_size_bytes)
     # Inside a chunk the first gap becomes 0, so a chunk is narrow whenever the whole is;
     # deciding once keeps the split a single vectorised step.
-    pair_bytes = _NARROW_PAIR_BYTES if int(pairs.max()) <= _U32_MAX else _WIDE_PAIR_BYTES
+    pair_bytes = _NARROW_PAIR_BYTES if _narrow(array, page_size_bytes) else _WIDE_PAIR_BYTES
     per_chunk = max_bytes // pair_bytes
     if len(array) <= per_chunk:
         return [array]
