@@ -5,7 +5,11 @@ Stop time is what ``InjectionResult.stop_ns`` reports: from ``PTRACE_INTERRUPT``
 ``setsid -f``, not our children): the C fixture blocked in ``read()``, the same with a
 thread busy in user mode (CPUs awake), and the Python fixture blocked in ``read()``.
 
-Usage (root): ``.venv/bin/python bench/attach.py [--rounds 300]``
+Both implementations of the window are measured, interleaved round by round on the same
+target (so machine noise hits both alike): the compiled one (``_window.c``) and the Python
+one. ``--window`` measures one only. The load average is printed with the results.
+
+Usage (root): ``.venv/bin/python bench/attach.py [--rounds 300] [--window c|python]``
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from writewatchd.kernel.inject import inject_userfaultfd
+from writewatchd.kernel.inject import Window, inject_userfaultfd
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 
@@ -36,14 +40,18 @@ def start_target(argv: list[str]) -> tuple[int, subprocess.Popen[bytes]]:
     return pid, launcher
 
 
-def measure(pid: int, rounds: int) -> list[int]:
-    inject_userfaultfd(pid).uffd.close()  # the first injection into a process is slower
-    stops = []
+def measure(pid: int, rounds: int, windows: list[Window]) -> dict[str, list[int]]:
+    """Stop times per window, the windows taking turns on the same target."""
+    stops: dict[str, list[int]] = {window: [] for window in windows}
+    for window in windows:
+        inject_userfaultfd(pid, window=window).uffd.close()  # the first injection into a process is slower
     for _ in range(rounds):
-        result = inject_userfaultfd(pid)
-        stops.append(result.stop_ns)
-        result.uffd.close()
-        time.sleep(0.002)
+        for window in windows:
+            result = inject_userfaultfd(pid, window=window)
+            assert result.window == window, result.window
+            stops[window].append(result.stop_ns)
+            result.uffd.close()
+            time.sleep(0.002)
     return stops
 
 
@@ -55,7 +63,9 @@ def p99(values: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
+    parser.add_argument("--window", choices=["c", "python"], help="measure one window only")
     args = parser.parse_args()
+    windows: list[Window] = [args.window] if args.window else ["c", "python"]
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "inject_target"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(FIXTURES / "inject_target.c"), "-lpthread"], check=True)
@@ -64,18 +74,23 @@ def main() -> None:
             "C + busy thread": [str(binary), "--threads=busy"],
             "Python, blocked in read()": [sys.executable, str(FIXTURES / "inject_target.py")],
         }
-        print(f"{'target':<28}{'n':>6}{'median µs':>12}{'p99 µs':>10}{'max µs':>10}")
+        print(f"load average before: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
+        print(f"{'target':<28}{'window':<8}{'n':>6}{'median µs':>12}{'p99 µs':>10}{'max µs':>10}{'ratio':>8}")
         for name, argv in cases.items():
             pid, launcher = start_target(argv)
             try:
-                stops = measure(pid, args.rounds)
+                stops = measure(pid, args.rounds, windows)
             finally:
                 os.kill(pid, signal.SIGKILL)
                 launcher.stdin.close() if launcher.stdin else None
-            print(
-                f"{name:<28}{len(stops):>6}{statistics.median(stops) / 1e3:>12.0f}"
-                f"{p99(stops) / 1e3:>10.0f}{max(stops) / 1e3:>10.0f}"
-            )
+            fastest = min(statistics.median(values) for values in stops.values())
+            for window, values in stops.items():
+                median = statistics.median(values)
+                print(
+                    f"{name:<28}{window:<8}{len(values):>6}{median / 1e3:>12.0f}"
+                    f"{p99(values) / 1e3:>10.0f}{max(values) / 1e3:>10.0f}{median / fastest:>8.2f}"
+                )
+        print(f"load average after: {' '.join(f'{load:.2f}' for load in os.getloadavg())}")
 
 
 if __name__ == "__main__":

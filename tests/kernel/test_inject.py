@@ -26,7 +26,7 @@ import numpy.typing as npt
 import pytest
 
 from writewatchd import AccessDenied, InjectionRefused, ProcessGone
-from writewatchd.kernel import inject
+from writewatchd.kernel import _window, inject
 from writewatchd.kernel._libc import syscall
 from writewatchd.kernel.inject import InjectionResult, inject_userfaultfd
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
@@ -39,6 +39,16 @@ NOBODY = 65534
 
 # x86_64 syscall numbers the targets block in.
 NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL, NR_TGKILL, NR_EPOLL_WAIT = 0, 35, 202, 219, 234, 232
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with each implementation of the stop window (the compiled one, Python)."""
+    chosen = str(request.param)
+    if chosen == "c" and _window.load() is None:
+        pytest.skip("the compiled injection window cannot be built here")
+    monkeypatch.setattr(inject, "DEFAULT_WINDOW", chosen)
+    return chosen
 
 
 class Target:
@@ -190,10 +200,11 @@ def wait_for(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
 # --------------------------------------------------------------------------- success paths
 
 
-def test_single_threaded_target_blocked_in_read(launch: Callable[..., Target]) -> None:
+def test_single_threaded_target_blocked_in_read(launch: Callable[..., Target], window: str) -> None:
     target = launch()
     result = inject_userfaultfd(target.pid)
     with result.uffd:
+        assert result.window == window
         assert result.tid == target.pid
         assert result.uffd.owner_pid == target.pid
         assert 0 < result.stop_ns < 10**9
@@ -259,12 +270,13 @@ def test_epoll_thread_stopped_anyway_sees_no_eintr(
     assert_unharmed(target)
 
 
-def test_thread_busy_in_user_mode(launch: Callable[..., Target]) -> None:
+def test_thread_busy_in_user_mode(launch: Callable[..., Target], window: str) -> None:
     target = launch("--threads=busy")
     busy = target.tids["busy"]
     loops_before = target.stats()["loops"]
     result = inject_userfaultfd(target.pid, tid=busy)
     with result.uffd:
+        assert result.window == window
         assert result.tid == busy
         assert_tracks_exactly(target, result.uffd)
     wait_for(lambda: target.stats()["loops"] > loops_before + 10)
@@ -443,46 +455,49 @@ def test_missing_process_is_gone() -> None:
         inject_userfaultfd(finished.pid)
 
 
-def _inject_as_nobody(pid: int) -> str:
+def _inject_as_nobody(pid: int, window: str) -> str:
     """Run the injection core (no helper) in a process that dropped to uid 65534.
 
     It imports everything as root first: the interpreter may live where uid 65534 cannot
-    read (a root-owned pyenv), which would stop it from starting a helper of its own.
+    read (a root-owned pyenv), which would stop it from starting a helper of its own. The
+    compiled window is loaded as root too (root's cache directory is not ours as 65534).
     """
     code = (
         "import ctypes, os, sys\n"
-        "from writewatchd.kernel import inject\n"
+        "from writewatchd.kernel import _window, inject\n"
+        "_window.load()\n"
         "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
         "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: changing uid cleared it\n"
         "try:\n"
-        "    reply, fds = inject._inject_running({'pid': int(sys.argv[1]), 'deadline_s': 1.0})\n"
-        "    print('ok', reply['tid'], os.readlink(f'/proc/self/fd/{fds[0]}'))\n"
+        "    request = {'pid': int(sys.argv[1]), 'deadline_s': 1.0, 'window': sys.argv[2]}\n"
+        "    reply, fds = inject._inject_running(request)\n"
+        "    print('ok', reply['tid'], reply['window'], os.readlink(f'/proc/self/fd/{fds[0]}'))\n"
         "except Exception as e:\n"
         "    print(type(e).__name__, e)\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code, str(pid)], check=False, capture_output=True, text=True, timeout=30
+        [sys.executable, "-c", code, str(pid), window], check=False, capture_output=True, text=True, timeout=30
     )
     return done.stdout.strip() or done.stderr.strip()
 
 
-def test_unprivileged_injector_into_its_own_dumpable_process(launch: Callable[..., Target]) -> None:
+def test_unprivileged_injector_into_its_own_dumpable_process(launch: Callable[..., Target], window: str) -> None:
     target = launch(user=NOBODY)
-    assert _inject_as_nobody(target.pid) == f"ok {target.pid} anon_inode:[userfaultfd]"
+    assert _inject_as_nobody(target.pid, window) == f"ok {target.pid} {window} anon_inode:[userfaultfd]"
     assert_unharmed(target)
 
 
-def test_unprivileged_injector_refuses_nondumpable_target(launch: Callable[..., Target]) -> None:
+def test_unprivileged_injector_refuses_nondumpable_target(launch: Callable[..., Target], window: str) -> None:
     target = launch("--nondumpable", user=NOBODY)
-    outcome = _inject_as_nobody(target.pid)
+    outcome = _inject_as_nobody(target.pid, window)
     assert outcome.startswith("InjectionRefused"), outcome
     assert "not dumpable" in outcome
     assert_unharmed(target)
 
 
-def test_unprivileged_injector_is_denied_a_root_target(launch: Callable[..., Target]) -> None:
+def test_unprivileged_injector_is_denied_a_root_target(launch: Callable[..., Target], window: str) -> None:
     target = launch()
-    outcome = _inject_as_nobody(target.pid)
+    outcome = _inject_as_nobody(target.pid, window)
     assert outcome.startswith("AccessDenied"), outcome
     assert_unharmed(target)
     assert issubclass(AccessDenied, OSError)
@@ -492,18 +507,21 @@ def test_unprivileged_injector_is_denied_a_root_target(launch: Callable[..., Tar
 
 _DAEMON = """
 import sys
-from writewatchd.kernel import inject
+from writewatchd.kernel import _window, inject
 from writewatchd.kernel._libc import syscall
 inject._TEST_PAUSE_IN_WINDOW_S = 1.5
+inject.DEFAULT_WINDOW = sys.argv[2]
 print(inject._helper_pid(), flush=True)
 inject.inject_userfaultfd(int(sys.argv[1]))
 print("done", flush=True)
 """
 
 
-def _start_daemon_in_window(target: Target) -> tuple[subprocess.Popen[str], int]:
+def _start_daemon_in_window(target: Target, window: str) -> tuple[subprocess.Popen[str], int]:
     """A stand-in daemon whose helper is paused inside the window; returns (daemon, helper pid)."""
-    daemon = subprocess.Popen([sys.executable, "-c", _DAEMON, str(target.pid)], stdout=subprocess.PIPE, text=True)
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", _DAEMON, str(target.pid), window], stdout=subprocess.PIPE, text=True
+    )
     assert daemon.stdout is not None
     helper = int(daemon.stdout.readline())
     wait_for(lambda: target.tracer() == helper)
@@ -519,9 +537,9 @@ def _gone_or_zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] in ("Z", "X")
 
 
-def test_daemon_death_in_the_window_leaves_the_target_running(launch: Callable[..., Target]) -> None:
+def test_daemon_death_in_the_window_leaves_the_target_running(launch: Callable[..., Target], window: str) -> None:
     target = launch("--threads=busy")
-    daemon, helper = _start_daemon_in_window(target)
+    daemon, helper = _start_daemon_in_window(target, window)
     daemon.kill()
     daemon.wait()
     # The helper finishes the injection (registers restored), detaches, and exits.
@@ -533,11 +551,55 @@ def test_daemon_death_in_the_window_leaves_the_target_running(launch: Callable[.
         assert_tracks_exactly(target, result.uffd)
 
 
-def test_helper_death_in_the_window_kills_the_target(launch: Callable[..., Target]) -> None:
+def test_helper_death_in_the_window_kills_the_target(launch: Callable[..., Target], window: str) -> None:
     target = launch("--threads=busy")
-    daemon, helper = _start_daemon_in_window(target)
+    daemon, helper = _start_daemon_in_window(target, window)
     os.kill(helper, signal.SIGKILL)
     # PTRACE_O_EXITKILL: never running with foreign registers, always dead.
     wait_for(lambda: _gone_or_zombie(target.pid))
     daemon.wait(10)
     assert daemon.returncode != 0
+
+
+# --------------------------------------------------------------------------- the two windows agree
+
+
+def _flags_of(fd: int) -> str:
+    """The ``flags:`` line of an fd's fdinfo (shared with the target's copy: same open file)."""
+    return next(line for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if line.startswith("flags"))
+
+
+@pytest.mark.parametrize("window", ["both"])
+@pytest.mark.parametrize("role", ["main", "busy", "futex", "sleep", "rseq"])
+def test_both_windows_give_identical_results(launch: Callable[..., Target], role: str, window: str) -> None:
+    target = launch("--threads=busy,futex,sleep,rseq")
+    tid = target.tids[role]
+    if not tid:
+        pytest.skip("glibc registered no rseq area")
+    fds_before = sorted(os.listdir(f"/proc/{target.pid}/fd"))
+    outcomes: dict[str, list[tuple[object, ...]]] = {"c": [], "python": []}
+    for chosen in ("c", "python", "c", "python"):
+        result = inject_userfaultfd(target.pid, tid=tid, window=chosen)
+        with result.uffd:
+            assert result.window == chosen
+            fd = result.uffd.fileno()
+            outcome = (result.tid, os.readlink(f"/proc/self/fd/{fd}"), _flags_of(fd))
+            assert sorted(os.listdir(f"/proc/{target.pid}/fd")) == fds_before
+            assert_tracks_exactly(target, result.uffd)
+        outcomes[chosen].append(outcome)
+    assert outcomes["c"] == outcomes["python"]
+    assert outcomes["c"][0][0] == tid
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize("window", ["both"])
+@pytest.mark.parametrize("mode", ["errno", "kill"])
+def test_both_windows_refuse_alike(launch: Callable[..., Target], mode: str, window: str) -> None:
+    target = launch(f"--seccomp={mode}")
+    refusals = []
+    for chosen in ("c", "python"):
+        with pytest.raises(InjectionRefused) as refused:
+            inject_userfaultfd(target.pid, window=chosen)
+        refusals.append((type(refused.value), refused.value.errno, str(refused.value)))
+    assert refusals[0] == refusals[1]
+    assert_unharmed(target)

@@ -9,12 +9,23 @@ from pathlib import Path
 
 import pytest
 
+from writewatchd.kernel import _window, inject
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.procfs import read_maps
 from writewatchd.kernel.spawn import spawn_tracked
 from writewatchd.kernel.uffd import TRACKING_FEATURES, Userfaultfd, is_userfaultfd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawn tests trace their programs: run as root")
+
+
+@pytest.fixture(autouse=True, params=["c", "python"])
+def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test runs with each implementation of the stop window (the compiled one, Python)."""
+    chosen = str(request.param)
+    if chosen == "c" and _window.load() is None:
+        pytest.skip("the compiled injection window cannot be built here")
+    monkeypatch.setattr(inject, "DEFAULT_WINDOW", chosen)
+    return chosen
 
 
 def register_all_writable(uffd: Userfaultfd) -> list[str]:
@@ -29,7 +40,7 @@ def register_all_writable(uffd: Userfaultfd) -> list[str]:
     return registered
 
 
-def test_writes_from_the_first_instructions_are_tracked(c_program: Callable[[str], Path]) -> None:
+def test_writes_from_the_first_instructions_are_tracked(c_program: Callable[[str], Path], window: str) -> None:
     binary = c_program("inject_spawn")
     registered: list[str] = []
     spawned = spawn_tracked(
@@ -39,6 +50,7 @@ def test_writes_from_the_first_instructions_are_tracked(c_program: Callable[[str
         before_start=lambda uffd: registered.extend(register_all_writable(uffd)),
     )
     try:
+        assert spawned.window == window
         # Before its first instruction only the program's own image, ld.so and the stack exist.
         assert str(binary) in registered
         assert "[stack]" in registered

@@ -64,6 +64,7 @@ Decisions:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -75,13 +76,14 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 from .. import _exceptions
-from .._exceptions import AccessDenied, InjectionRefused, KernelError, ProcessGone
-from ._libc import SYS, raise_errno, syscall
+from .._exceptions import AccessDenied, FeatureUnavailable, InjectionRefused, KernelError, ProcessGone
+from . import _window
+from ._libc import SYS, libc, raise_errno, syscall
 from .pidfd import pidfd_open
 from .procfs import read_maps, read_status, thread_ids
 from .ptrace import (
@@ -106,15 +108,18 @@ from .seccomp import AUDIT_ARCH_X86_64, SeccompData, dump_filters, evaluate
 from .uffd import UFFD_USER_MODE_ONLY, Userfaultfd
 
 __all__ = [
+    "DEFAULT_WINDOW",
     "InjectionResult",
     "ThreadChoice",
     "choose_thread",
     "find_vdso_gadget",
     "inject_userfaultfd",
+    "Window",
 ]
 
 _NR_CLOSE = 3
 _NR_TGKILL = 234
+_PR_SET_TIMERSLACK = 29
 _UFFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK | UFFD_USER_MODE_ONLY
 
 _ERESTARTNOHAND = 514
@@ -154,12 +159,21 @@ _EINTR_ON_STOP = frozenset(
 )
 # Socket calls fail with EINTR on a stop only under SO_RCVTIMEO/SO_SNDTIMEO; usable, last.
 _EINTR_WITH_TIMEOUT = frozenset({42, 43, 44, 45, 46, 47, 288, 299, 307})
+# Whose -EINTR caused by our interrupt is rewritten into a restart.
+_EINTR_PRONE = _EINTR_ON_STOP | _EINTR_WITH_TIMEOUT
 
 _HELPER_GRACE_S = 15.0
 # Bound on one injected syscall (userfaultfd or close never block): past it the thread is
 # stuck with our registers, and the helper exits so that EXITKILL ends it deterministically.
 _STEP_LIMIT_NS = 5 * 10**9
 _MESSAGE_BYTES = 1 << 16
+# The compiled window polls waitpid this long before it sleeps until SIGCHLD: a tracee
+# running on the other CPU usually stops within it, and the poll costs no wake-up.
+_C_SPIN_NS = 20_000
+
+Window = Literal["auto", "c", "python"]
+#: The window used when a call names none (spawns included).
+DEFAULT_WINDOW: Window = "auto"
 
 #: Test-only: seconds the helper sleeps inside the window (after the injected userfaultfd).
 _TEST_PAUSE_IN_WINDOW_S = 0.0
@@ -172,12 +186,14 @@ class InjectionResult:
     """A userfaultfd created by the target, now owned by the caller (``UFFDIO_API`` not done).
 
     ``stop_ns`` is how long the chosen thread ``tid`` was stopped, from ``PTRACE_INTERRUPT``
-    until ``PTRACE_DETACH`` returned.
+    until ``PTRACE_DETACH`` returned; ``window`` says which implementation of the window
+    ran: ``"c"`` (compiled) or ``"python"``.
     """
 
     uffd: Userfaultfd
     tid: int
     stop_ns: int
+    window: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,11 +205,16 @@ class ThreadChoice:
     activity: str
 
 
-def inject_userfaultfd(pid: int, *, deadline_s: float = 1.0, tid: int | None = None) -> InjectionResult:
+def inject_userfaultfd(
+    pid: int, *, deadline_s: float = 1.0, tid: int | None = None, window: Window | None = None
+) -> InjectionResult:
     """Make process ``pid`` create a userfaultfd, copy it to us, and close the target's copy.
 
     ``deadline_s`` bounds the wait for a thread to stop. ``tid`` asks for a particular
-    thread, which must pass the same checks as an automatic choice.
+    thread, which must pass the same checks as an automatic choice. ``window`` chooses the
+    implementation of the stop window: ``"auto"`` (compiled when it can be built, else
+    Python), ``"c"`` (:class:`FeatureUnavailable` without it) or ``"python"``; None means
+    :data:`DEFAULT_WINDOW`.
 
     Raises :class:`InjectionRefused` (target untouched and running) when the target is
     already traced, its seccomp filters would not allow the syscalls, it is not dumpable
@@ -209,10 +230,11 @@ def inject_userfaultfd(pid: int, *, deadline_s: float = 1.0, tid: int | None = N
         "deadline_s": deadline_s,
         "pause_in_window_s": _TEST_PAUSE_IN_WINDOW_S,
         "unvetted": _TEST_UNVETTED_TID,
+        "window": window or DEFAULT_WINDOW,
     }
     reply, fds = _HELPER.call(request, timeout_s=deadline_s + _HELPER_GRACE_S)
     uffd = Userfaultfd(fds[0], owner_pid=pid)
-    return InjectionResult(uffd, int(reply["tid"]), int(reply["stop_ns"]))
+    return InjectionResult(uffd, int(reply["tid"]), int(reply["stop_ns"]), str(reply["window"]))
 
 
 # --------------------------------------------------------------------------- preparation
@@ -330,8 +352,37 @@ class _StuckTracee(Exception):
         self.refusal = refusal
 
 
+def _check_seccomp(pid: int, tid: int, gadget: int, seccomp_mode: int) -> None:
+    """Refuse (nothing changed yet) unless the stopped thread's filters allow userfaultfd and close."""
+    if seccomp_mode != 2:
+        return
+    try:
+        filters = dump_filters(tid)
+    except AccessDenied as exc:
+        raise InjectionRefused(
+            exc.errno or errno.EPERM, f"process {pid} has seccomp filters we may not inspect: {exc}"
+        ) from None
+    for name, nr, args in (("userfaultfd", SYS["userfaultfd"], (_UFFD_FLAGS,)), ("close", _NR_CLOSE, (0,))):
+        verdict = evaluate(filters, SeccompData(nr, AUDIT_ARCH_X86_64, gadget + 2, args))
+        if not verdict.runs:
+            raise InjectionRefused(
+                errno.EPERM,
+                f"the seccomp filter of process {pid} answers {verdict.describe()} to {name}()",
+            )
+
+
+def _stuck_in_step(tid: int) -> _StuckTracee:
+    return _StuckTracee(InjectionRefused(errno.ETIMEDOUT, f"thread {tid} did not finish an injected syscall in time"))
+
+
+def _stuck_in_release(tid: int) -> _StuckTracee:
+    return _StuckTracee(InjectionRefused(errno.ETIMEDOUT, f"thread {tid} is stuck in an injected syscall"))
+
+
 class _Session:
-    """One stopped thread, the injected syscalls, and the way back."""
+    """The Python window: one stopped thread, the injected syscalls, and the way back."""
+
+    window = "python"
 
     def __init__(self, pid: int, tid: int, first_stop: WaitStatus, *, gadget: int, mem_fd: int, pidfd: int) -> None:
         self.pid = pid
@@ -339,8 +390,14 @@ class _Session:
         self.tid = tid
         self.gadget = gadget
         self.mem_fd = mem_fd
+        self.interrupt_ns = 0
+        self.detach_ns = 0
         self.saved = getregs(tid)
         self.restored = self.saved.copy()
+        # Built once: each injected syscall only changes the fields that differ.
+        self._injected = self.saved.copy()
+        self._injected.rip = gadget
+        self._injected.orig_rax = 2**64 - 1
         self.held_signals: list[tuple[int, bytes]] = []
         self.armed = False
         self.stopped = True
@@ -348,21 +405,7 @@ class _Session:
 
     def check_seccomp(self, seccomp_mode: int) -> None:
         """Refuse (nothing changed yet) unless the filters allow userfaultfd and close."""
-        if seccomp_mode != 2:
-            return
-        try:
-            filters = dump_filters(self.tid)
-        except AccessDenied as exc:
-            raise InjectionRefused(
-                exc.errno or errno.EPERM, f"process {self.pid} has seccomp filters we may not inspect: {exc}"
-            ) from None
-        for name, nr, args in (("userfaultfd", SYS["userfaultfd"], (_UFFD_FLAGS,)), ("close", _NR_CLOSE, (0,))):
-            verdict = evaluate(filters, SeccompData(nr, AUDIT_ARCH_X86_64, self.gadget + 2, args))
-            if not verdict.runs:
-                raise InjectionRefused(
-                    errno.EPERM,
-                    f"the seccomp filter of process {self.pid} answers {verdict.describe()} to {name}()",
-                )
+        _check_seccomp(self.pid, self.tid, self.gadget, seccomp_mode)
 
     def arm(self) -> None:
         """Make our death kill the target, then prepare the registers to restore."""
@@ -371,12 +414,14 @@ class _Session:
         self.armed = True
         self._fix_rseq()
         interrupted = bool(self._first_stop.event) and self._first_stop.stop_signal == signal.SIGTRAP
-        eintr_prone = self.saved.orig_rax_signed in _EINTR_ON_STOP | _EINTR_WITH_TIMEOUT
+        eintr_prone = self.saved.orig_rax_signed in _EINTR_PRONE
         if interrupted and eintr_prone and self.saved.rax_signed == -errno.EINTR:
             # Our PTRACE_INTERRUPT made this syscall fail with EINTR: restart it instead.
             self.restored.rax = (-_ERESTARTNOHAND) & (2**64 - 1)
 
     def _fix_rseq(self) -> None:
+        if self.saved.orig_rax_signed >= 0:
+            return  # stopped in a syscall, so outside any critical section (the rseq ABI forbids syscalls there)
         config = get_rseq_configuration(self.tid)
         if config is None:
             return
@@ -400,15 +445,12 @@ class _Session:
         self.restored.rip = abort_ip
         os.pwrite(self.mem_fd, b"\0" * 8, rseq_cs_field)
 
-    def run(self, nr: int, *args: int) -> int:
-        """Run syscall ``nr`` in the thread; returns its (signed) result."""
+    def run(self, nr: int, arg0: int) -> int:
+        """Run syscall ``nr(arg0)`` in the thread; returns its (signed) result."""
         deadline_ns = time.monotonic_ns() + _STEP_LIMIT_NS
-        regs = self.saved.copy()
-        regs.rip = self.gadget
+        regs = self._injected
         regs.rax = nr
-        regs.orig_rax = 2**64 - 1
-        for name, value in zip(("rdi", "rsi", "rdx", "r10", "r8", "r9"), args, strict=False):
-            setattr(regs, name, value & (2**64 - 1))
+        regs.rdi = arg0
         setregs(self.tid, regs)
         after_gadget = self.gadget + 2
         while True:
@@ -416,9 +458,7 @@ class _Session:
             self.stopped = False
             status = wait_stop(self.tid, deadline_ns)
             if status is None:
-                raise _StuckTracee(
-                    InjectionRefused(errno.ETIMEDOUT, f"thread {self.tid} did not finish an injected syscall in time")
-                )
+                raise _stuck_in_step(self.tid)
             self.stopped = True
             if status.gone:
                 raise ProcessGone(errno.ESRCH, f"process {self.pid} {status.describe()} during injection")
@@ -430,17 +470,30 @@ class _Session:
             if now.rip == after_gadget:
                 return now.rax_signed
 
-    def copy_fd(self, target_fd: int) -> int:
-        """``pidfd_getfd``: our own copy of the target's fd ``target_fd``."""
-        fd = syscall(SYS["pidfd_getfd"], self.pidfd, target_fd, 0)
-        if fd < 0:
-            raise_errno(-fd, f"pidfd_getfd(pid {self.pid}, fd {target_fd})", classes={errno.EPERM: AccessDenied})
-        return fd
+    def steal(self, pause_s: float) -> int:
+        """EXITKILL on, userfaultfd, pidfd_getfd, close: our copy of the target's new uffd."""
+        self.arm()
+        target_fd = self.run(SYS["userfaultfd"], _UFFD_FLAGS)
+        if pause_s:
+            time.sleep(pause_s)
+        if target_fd < 0:
+            _raise_uffd_failure(self.pid, -target_fd)
+        stolen = -1
+        try:
+            stolen = _copy_fd(self.pid, self.pidfd, target_fd)
+        finally:
+            try:
+                self.run(_NR_CLOSE, target_fd)
+            except BaseException:
+                if stolen >= 0:
+                    os.close(stolen)
+                raise
+        return stolen
 
     def restore_and_detach(self) -> None:
         """Put the registers back and let go, re-delivering held signals."""
         if not self.stopped:
-            raise _StuckTracee(InjectionRefused(errno.ETIMEDOUT, f"thread {self.tid} is stuck in an injected syscall"))
+            raise _stuck_in_release(self.tid)
         if self.armed:
             setregs(self.tid, self.restored)
         sig = 0
@@ -450,11 +503,134 @@ class _Session:
             for extra, _ in self.held_signals[1:]:
                 syscall(_NR_TGKILL, self.pid, self.tid, extra)
         detach(self.tid, sig)
+        self.detach_ns = time.monotonic_ns()
 
 
-@contextlib.contextmanager
-def _stopped(pid: int, tid: int, deadline_ns: int) -> Iterator[WaitStatus]:
-    """Seize and interrupt ``tid``; yields its first stop."""
+class _CSession:
+    """The compiled window (``_window.c``): the same steps and rules as :class:`_Session`."""
+
+    window = "c"
+
+    def __init__(self, library: ctypes.CDLL, pid: int, tid: int, *, gadget: int, mem_fd: int, pidfd: int) -> None:
+        self.pid = pid
+        self.tid = tid
+        self.gadget = gadget
+        self._library = library
+        state = _window.WindowState(pid=pid, tid=tid, pidfd=pidfd, mem_fd=mem_fd, gadget=gadget)
+        state.uffd_flags = _UFFD_FLAGS
+        state.step_limit_ns = _STEP_LIMIT_NS
+        state.spin_ns = _C_SPIN_NS
+        state.target_fd = -1
+        state.stolen_fd = -1
+        state.set_eintr_prone(_EINTR_PRONE)
+        self.state = state
+        self._state_ref = ctypes.byref(state)
+
+    @property
+    def interrupt_ns(self) -> int:
+        return int(self.state.interrupt_ns)
+
+    @property
+    def detach_ns(self) -> int:
+        return int(self.state.detach_ns)
+
+    def stop(self, deadline_ns: int) -> bool:
+        """Interrupt the seized thread and wait for its stop; False at the deadline."""
+        self.state.stop_deadline_ns = deadline_ns
+        result = self._library.ww_stop(self._state_ref)
+        if result == _window.WW_TIMEOUT:
+            return False
+        if result == _window.WW_GONE:
+            raise ProcessGone(errno.ESRCH, f"process {self.pid} {WaitStatus(self.state.status).describe()}")
+        self._check(result)
+        return True
+
+    def adopt(self, first_stop: WaitStatus) -> None:
+        """Take over a thread that is already stopped (``first_stop``)."""
+        self.state.status = first_stop.raw
+        self._check(self._library.ww_save(self._state_ref))
+
+    def check_seccomp(self, seccomp_mode: int) -> None:
+        """Refuse (nothing changed yet) unless the filters allow userfaultfd and close."""
+        _check_seccomp(self.pid, self.tid, self.gadget, seccomp_mode)
+
+    def steal(self, pause_s: float) -> int:
+        """EXITKILL on, userfaultfd, pidfd_getfd, close: our copy of the target's new uffd."""
+        state = self.state
+        state.pause_ns = int(pause_s * 1e9)
+        result = self._library.ww_steal(self._state_ref)
+        stolen = int(state.stolen_fd)
+        if result != _window.WW_OK:
+            if stolen >= 0:
+                os.close(stolen)
+            if result == _window.WW_STUCK:
+                raise _stuck_in_step(self.tid)
+            if result == _window.WW_GONE:
+                status = WaitStatus(state.status)
+                raise ProcessGone(errno.ESRCH, f"process {self.pid} {status.describe()} during injection")
+            self._check(result)
+        if state.target_fd < 0:
+            _raise_uffd_failure(self.pid, -state.target_fd)
+        if stolen < 0:
+            _raise_getfd_failure(self.pid, -stolen, int(state.target_fd))
+        return stolen
+
+    def restore_and_detach(self) -> None:
+        """Put the registers back and let go, re-delivering held signals."""
+        result = self._library.ww_release(self._state_ref)
+        if result == _window.WW_STUCK:
+            raise _stuck_in_release(self.tid)
+        self._check(result)
+
+    def _check(self, result: int) -> None:
+        if result != _window.WW_OK:
+            err = int(self.state.failed_errno)
+            call = _window.CALL_NAMES[self.state.failed_call]
+            if call == "waitpid" and err == errno.ECHILD:
+                raise ProcessGone(errno.ECHILD, f"thread {self.tid} is no longer traced by us (gone)")
+            raise_errno(err, f"{call} of thread {self.tid}")
+
+
+def _copy_fd(pid: int, pidfd: int, target_fd: int) -> int:
+    """``pidfd_getfd``: our own copy of the target's fd ``target_fd``."""
+    fd = syscall(SYS["pidfd_getfd"], pidfd, target_fd, 0)
+    if fd < 0:
+        _raise_getfd_failure(pid, -fd, target_fd)
+    return fd
+
+
+def _raise_getfd_failure(pid: int, err: int, target_fd: int) -> NoReturn:
+    raise_errno(err, f"pidfd_getfd(pid {pid}, fd {target_fd})", classes={errno.EPERM: AccessDenied})
+
+
+def _open_window(pid: int, tid: int, window: str, *, gadget: int, mem_fd: int, pidfd: int) -> _CSession | None:
+    """A compiled session for ``tid`` (not yet stopped), or None for the Python window."""
+    if window == "python":
+        return None
+    library = _window.load()
+    if library is None:
+        if window == "c":
+            raise FeatureUnavailable(errno.ENOSYS, "the compiled injection window is unavailable (see the log)")
+        return None
+    return _CSession(library, pid, tid, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+
+
+def _stuck_at_stop(pid: int, tid: int) -> _StuckTracee:
+    state, current = _thread_activity(pid, tid)
+    return _StuckTracee(
+        InjectionRefused(
+            errno.ETIMEDOUT,
+            f"thread {tid} of process {pid} did not stop before the deadline (state {state}, syscall {current})",
+        )
+    )
+
+
+def _stop(
+    pid: int, tid: int, deadline_ns: int, window: str, *, gadget: int, mem_fd: int, pidfd: int
+) -> _Session | _CSession:
+    """Seize and interrupt ``tid``; returns the session of the stopped thread."""
+    # Before the seize: a seized thread that is never stopped could not be let go.
+    compiled = _open_window(pid, tid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
     try:
         seize(tid)
     except AccessDenied:
@@ -462,26 +638,27 @@ def _stopped(pid: int, tid: int, deadline_ns: int) -> Iterator[WaitStatus]:
         if tracer:
             raise InjectionRefused(errno.EBUSY, f"process {pid} is already traced by process {tracer}") from None
         raise
+    if compiled is not None:
+        if not compiled.stop(deadline_ns):
+            raise _stuck_at_stop(pid, tid)
+        return compiled
+    interrupt_ns = time.monotonic_ns()
     interrupt(tid)
     status = wait_stop(tid, deadline_ns)
     if status is None:
-        state, current = _thread_activity(pid, tid)
-        raise _StuckTracee(
-            InjectionRefused(
-                errno.ETIMEDOUT,
-                f"thread {tid} of process {pid} did not stop before the deadline (state {state}, syscall {current})",
-            )
-        )
+        raise _stuck_at_stop(pid, tid)
     if status.gone:
         raise ProcessGone(errno.ESRCH, f"process {pid} {status.describe()}")
-    yield status
+    session = _Session(pid, tid, status, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+    session.interrupt_ns = interrupt_ns
+    return session
 
 
 def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
     pid = int(request["pid"])
     deadline_ns = time.monotonic_ns() + int(float(request["deadline_s"]) * 1e9)
+    window = str(request.get("window") or "auto")
     _refuse_early(pid)
-    seccomp_mode = read_status(pid).seccomp_mode
     mem_fd = _open_mem(pid)
     pidfd = -1
     try:
@@ -498,20 +675,27 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
                 causes = "; ".join(f"thread {t} is {why}" for t, why in choice.items())
                 raise InjectionRefused(errno.EAGAIN, f"no thread of process {pid} can be stopped safely: {causes}")
             time.sleep(0.001)
-        started_ns = time.monotonic_ns()
-        with _stopped(pid, choice.tid, deadline_ns) as first_stop:
-            session = _Session(pid, choice.tid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-            stolen = _steal_uffd(session, seccomp_mode, float(request.get("pause_in_window_s") or 0))
-        stop_ns = time.monotonic_ns() - started_ns
+        # Filters are per thread (without TSYNC): the chosen thread's mode decides.
+        seccomp_mode = _thread_seccomp_mode(pid, choice.tid)
+        session = _stop(pid, choice.tid, deadline_ns, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        stolen = _steal_uffd(session, seccomp_mode, float(request.get("pause_in_window_s") or 0))
     finally:
         os.close(mem_fd)
         if pidfd >= 0:
             os.close(pidfd)
-    return {"tid": choice.tid, "stop_ns": stop_ns}, [stolen]
+    reply = {"tid": choice.tid, "stop_ns": session.detach_ns - session.interrupt_ns, "window": session.window}
+    return reply, [stolen]
+
+
+def _thread_seccomp_mode(pid: int, tid: int) -> int:
+    try:
+        return read_status(f"{pid}/task/{tid}").seccomp_mode
+    except ProcessGone:
+        return read_status(pid).seccomp_mode  # the thread left; the stop will tell
 
 
 def _steal_uffd(
-    session: _Session,
+    session: _Session | _CSession,
     seccomp_mode: int,
     pause_s: float = 0.0,
     before_detach: Callable[[int], None] | None = None,
@@ -524,16 +708,7 @@ def _steal_uffd(
     stolen = -1
     try:
         session.check_seccomp(seccomp_mode)
-        session.arm()
-        target_fd = session.run(SYS["userfaultfd"], _UFFD_FLAGS)
-        if pause_s:
-            time.sleep(pause_s)
-        if target_fd < 0:
-            _raise_uffd_failure(session.pid, -target_fd)
-        try:
-            stolen = session.copy_fd(target_fd)
-        finally:
-            session.run(_NR_CLOSE, target_fd)
+        stolen = session.steal(pause_s)
         if before_detach is not None:
             handed_over, stolen = stolen, -1
             before_detach(handed_over)
@@ -549,7 +724,7 @@ def _steal_uffd(
     return stolen
 
 
-def _raise_uffd_failure(pid: int, err: int) -> None:
+def _raise_uffd_failure(pid: int, err: int) -> NoReturn:
     if err in (errno.EPERM, errno.EACCES):
         raise InjectionRefused(
             err, f"process {pid} may not create a userfaultfd ({os.strerror(err)}; an LSM or container policy?)"
@@ -622,7 +797,12 @@ def _spawn_inject(
     try:
         pidfd = pidfd_open(pid)
         gadget = find_vdso_gadget(pid, mem_fd)
-        session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        window = str(request.get("window") or "auto")
+        session: _Session | _CSession | None = _open_window(pid, pid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        if isinstance(session, _CSession):
+            session.adopt(first_stop)
+        else:
+            session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
         stolen = _steal_uffd(
             session,
             read_status(pid).seccomp_mode,
@@ -632,7 +812,7 @@ def _spawn_inject(
         os.close(mem_fd)
         if pidfd >= 0:
             os.close(pidfd)
-    reply = {"phase": "done", "stop_ns": time.monotonic_ns() - started_ns}
+    reply = {"phase": "done", "stop_ns": time.monotonic_ns() - started_ns, "window": session.window}
     return reply, [] if stolen < 0 else [stolen]
 
 
@@ -674,6 +854,12 @@ def _helper_main(fd: int) -> None:
     """The helper process: serve requests until the caller's end of the socket closes."""
     # A signal meant for the daemon's process group must not end us inside a window.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT})
+    # Every ptrace stop sends us SIGCHLD: blocked (and not ignored, which an exec may have
+    # inherited) it stays pending, so waits sleep until it instead of polling (wait_stop).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    # Timed sleeps (a wait's bound) end on time instead of up to 50 µs late.
+    libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("-1000")
     sock = socket.socket(fileno=fd)

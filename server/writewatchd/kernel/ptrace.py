@@ -61,8 +61,11 @@ WALL = 0x40000000  # __WALL: wait for threads as well as processes
 SIGINFO_SIZE = 128
 
 # Waiting: a few yields let a tracee on another CPU reach its stop cheaply; longer spinning
-# starves the tracee on a 2-CPU machine (INJECTION.md), so then sleep briefly.
-_SPIN_YIELDS = 50
+# starves the tracee on a 2-CPU machine (INJECTION.md). Then sleep: until the SIGCHLD that
+# the stop sends us when the calling thread blocks SIGCHLD (it stays pending, so none is
+# missed; the sleep is capped in case another thread takes it), else briefly.
+_SPIN_YIELDS = 10
+_SIGCHLD_WAIT_CAP_S = 0.001
 _SLEEP_S = 20e-6
 
 
@@ -274,6 +277,7 @@ def get_rseq_configuration(tid: int) -> RseqConfig | None:
 def wait_stop(tid: int, deadline_ns: int) -> WaitStatus | None:
     """Wait until tracee ``tid`` changes state, or return None at ``deadline_ns`` (monotonic)."""
     n_polls = 0
+    sigchld_blocked: bool | None = None
     while True:
         try:
             waited, status = os.waitpid(tid, os.WNOHANG | WALL)
@@ -281,11 +285,17 @@ def wait_stop(tid: int, deadline_ns: int) -> WaitStatus | None:
             raise ProcessGone(errno.ECHILD, f"thread {tid} is no longer traced by us (gone)") from None
         if waited:
             return WaitStatus(status)
-        if time.monotonic_ns() >= deadline_ns:
+        now_ns = time.monotonic_ns()
+        if now_ns >= deadline_ns:
             return None
         n_polls += 1
         if n_polls < _SPIN_YIELDS:
             os.sched_yield()
+            continue
+        if sigchld_blocked is None:
+            sigchld_blocked = signal.SIGCHLD in signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        if sigchld_blocked:
+            signal.sigtimedwait((signal.SIGCHLD,), min(_SIGCHLD_WAIT_CAP_S, (deadline_ns - now_ns) / 1e9))
         else:
             time.sleep(_SLEEP_S)
 

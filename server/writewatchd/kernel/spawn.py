@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
 from .._exceptions import KernelError, UsageError
+from . import inject
 from .inject import _HELPER, _HELPER_GRACE_S
 from .ptrace import require_x86_64
 from .uffd import Userfaultfd
@@ -41,10 +42,12 @@ _Redirect = int | IO[Any] | None
 class SpawnedProcess:
     """A program started by :func:`spawn_tracked`; we are its parent and must reap it."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], uffd: Userfaultfd, stop_ns: int) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], uffd: Userfaultfd, stop_ns: int, window: str) -> None:
         self.popen = popen
         self.uffd = uffd
         self.stop_ns = stop_ns
+        #: Which implementation of the injection window ran: "c" or "python".
+        self.window = window
 
     @property
     def pid(self) -> int:
@@ -135,7 +138,13 @@ def spawn_tracked(
 
     try:
         reply, fds = _HELPER.call(
-            {"op": "spawn", "pid": popen.pid, "deadline_s": deadline_s, "pause_before_start": True},
+            {
+                "op": "spawn",
+                "pid": popen.pid,
+                "deadline_s": deadline_s,
+                "pause_before_start": True,
+                "window": inject.DEFAULT_WINDOW,
+            },
             timeout_s=deadline_s + _HELPER_GRACE_S,
             on_stopped=on_stopped,
         )
@@ -152,4 +161,4 @@ def spawn_tracked(
             popen.kill()
         popen.wait()
         raise
-    return SpawnedProcess(popen, received[0], int(reply["stop_ns"]))
+    return SpawnedProcess(popen, received[0], int(reply["stop_ns"]), str(reply["window"]))
