@@ -9,7 +9,10 @@ Both implementations of the window are measured, interleaved round by round on t
 target (so machine noise hits both alike): the compiled one (``_window.c``) and the Python
 one. ``--window`` measures one only. The load average is printed with the results.
 
-Usage (root): ``.venv/bin/python bench/attach.py [--rounds 300] [--window c|python]``
+``--hogs N`` adds N busy loops, each in its own session (so its own autogroup, like other
+users' work), for the whole run: the noisy-neighbour case on purpose.
+
+Usage (root): ``.venv/bin/python bench/attach.py [--rounds 300] [--window c|python] [--hogs N]``
 """
 
 from __future__ import annotations
@@ -64,8 +67,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300)
     parser.add_argument("--window", choices=["c", "python"], help="measure one window only")
+    parser.add_argument("--hogs", type=int, default=0, help="busy loops running meanwhile")
     args = parser.parse_args()
     windows: list[Window] = [args.window] if args.window else ["c", "python"]
+    hogs = [subprocess.Popen(["sh", "-c", "while :; do :; done"], start_new_session=True) for _ in range(args.hogs)]
+    try:
+        run(args.rounds, windows)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def run(rounds: int, windows: list[Window]) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "inject_target"
         subprocess.run(["gcc", "-O2", "-o", str(binary), str(FIXTURES / "inject_target.c"), "-lpthread"], check=True)
@@ -79,7 +93,7 @@ def main() -> None:
         for name, argv in cases.items():
             pid, launcher = start_target(argv)
             try:
-                stops = measure(pid, args.rounds, windows)
+                stops = measure(pid, rounds, windows)
             finally:
                 os.kill(pid, signal.SIGKILL)
                 launcher.stdin.close() if launcher.stdin else None

@@ -78,7 +78,6 @@ class WindowState(ctypes.Structure):
         ("uffd_flags", ctypes.c_uint64),
         ("stop_deadline_ns", ctypes.c_int64),
         ("step_limit_ns", ctypes.c_int64),
-        ("spin_ns", ctypes.c_int64),
         ("pause_ns", ctypes.c_int64),
         ("n_eintr_prone", ctypes.c_int32),
         ("eintr_prone", ctypes.c_int32 * _MAX_EINTR_PRONE),

@@ -167,10 +167,6 @@ _HELPER_GRACE_S = 15.0
 # stuck with our registers, and the helper exits so that EXITKILL ends it deterministically.
 _STEP_LIMIT_NS = 5 * 10**9
 _MESSAGE_BYTES = 1 << 16
-# The compiled window polls waitpid this long before it sleeps until SIGCHLD: a tracee
-# running on the other CPU usually stops within it, and the poll costs no wake-up.
-_C_SPIN_NS = 20_000
-
 Window = Literal["auto", "c", "python"]
 #: The window used when a call names none (spawns included).
 DEFAULT_WINDOW: Window = "auto"
@@ -352,23 +348,70 @@ class _StuckTracee(Exception):
         self.refusal = refusal
 
 
-def _check_seccomp(pid: int, tid: int, gadget: int, seccomp_mode: int) -> None:
-    """Refuse (nothing changed yet) unless the stopped thread's filters allow userfaultfd and close."""
-    if seccomp_mode != 2:
-        return
-    try:
-        filters = dump_filters(tid)
-    except AccessDenied as exc:
-        raise InjectionRefused(
-            exc.errno or errno.EPERM, f"process {pid} has seccomp filters we may not inspect: {exc}"
-        ) from None
-    for name, nr, args in (("userfaultfd", SYS["userfaultfd"], (_UFFD_FLAGS,)), ("close", _NR_CLOSE, (0,))):
-        verdict = evaluate(filters, SeccompData(nr, AUDIT_ARCH_X86_64, gadget + 2, args))
-        if not verdict.runs:
+# Verdicts of earlier filter dumps, by (pid, tid, thread start time, number of filters,
+# gadget): a thread's filters can only be added to, so an unchanged count means unchanged
+# filters, and the start time tells a reused tid apart. The value is the refusal's
+# (errno, message), or None when both syscalls are allowed.
+_SECCOMP_VERDICTS: dict[tuple[int, ...], tuple[int, str] | None] = {}
+_SECCOMP_VERDICTS_MAX = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _SeccompCheck:
+    """A seccomp verdict still to be found, inside the window (the filter dump needs a stop)."""
+
+    pid: int
+    tid: int
+    gadget: int
+    key: tuple[int, ...]
+
+    def run(self) -> None:
+        """Refuse (nothing changed yet) unless the stopped thread's filters allow userfaultfd and close."""
+        try:
+            filters = dump_filters(self.tid)
+        except AccessDenied as exc:
             raise InjectionRefused(
-                errno.EPERM,
-                f"the seccomp filter of process {pid} answers {verdict.describe()} to {name}()",
-            )
+                exc.errno or errno.EPERM, f"process {self.pid} has seccomp filters we may not inspect: {exc}"
+            ) from None
+        if len(_SECCOMP_VERDICTS) >= _SECCOMP_VERDICTS_MAX:
+            _SECCOMP_VERDICTS.clear()
+        for name, nr, args in (("userfaultfd", SYS["userfaultfd"], (_UFFD_FLAGS,)), ("close", _NR_CLOSE, (0,))):
+            verdict = evaluate(filters, SeccompData(nr, AUDIT_ARCH_X86_64, self.gadget + 2, args))
+            if not verdict.runs:
+                message = f"the seccomp filter of process {self.pid} answers {verdict.describe()} to {name}()"
+                _SECCOMP_VERDICTS[self.key] = (errno.EPERM, message)
+                raise InjectionRefused(errno.EPERM, message)
+        _SECCOMP_VERDICTS[self.key] = None
+
+
+def _seccomp_check(pid: int, tid: int, gadget: int) -> _SeccompCheck | None:
+    """Before the stop: the check the window must make, or None when none is needed.
+
+    Filters are per thread (without TSYNC), so the chosen thread's own mode decides. None
+    for a thread without filters or with a remembered verdict that allows both syscalls; a
+    remembered refusal, or strict mode, is raised here without any stop.
+    """
+    base = f"/proc/{pid}/task/{tid}"
+    try:
+        with open(f"{base}/status") as f:
+            fields = dict(line.partition(":")[::2] for line in f.read().splitlines())
+        with open(f"{base}/stat") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise ProcessGone(errno.ESRCH, f"thread {tid} of process {pid} is gone") from None
+    mode = int(fields.get("Seccomp", "0"))
+    if mode == 1:
+        raise InjectionRefused(errno.EPERM, f"thread {tid} of process {pid} runs under strict seccomp")
+    if mode != 2:
+        return None
+    start_time = int(stat[stat.rindex(")") + 2 :].split()[19])
+    key = (pid, tid, start_time, int(fields.get("Seccomp_filters", "-1")), gadget)
+    if key not in _SECCOMP_VERDICTS:
+        return _SeccompCheck(pid, tid, gadget, key)
+    known = _SECCOMP_VERDICTS[key]
+    if known is not None:
+        raise InjectionRefused(*known)
+    return None
 
 
 def _stuck_in_step(tid: int) -> _StuckTracee:
@@ -402,10 +445,6 @@ class _Session:
         self.armed = False
         self.stopped = True
         self._first_stop = first_stop
-
-    def check_seccomp(self, seccomp_mode: int) -> None:
-        """Refuse (nothing changed yet) unless the filters allow userfaultfd and close."""
-        _check_seccomp(self.pid, self.tid, self.gadget, seccomp_mode)
 
     def arm(self) -> None:
         """Make our death kill the target, then prepare the registers to restore."""
@@ -519,7 +558,6 @@ class _CSession:
         state = _window.WindowState(pid=pid, tid=tid, pidfd=pidfd, mem_fd=mem_fd, gadget=gadget)
         state.uffd_flags = _UFFD_FLAGS
         state.step_limit_ns = _STEP_LIMIT_NS
-        state.spin_ns = _C_SPIN_NS
         state.target_fd = -1
         state.stolen_fd = -1
         state.set_eintr_prone(_EINTR_PRONE)
@@ -549,10 +587,6 @@ class _CSession:
         """Take over a thread that is already stopped (``first_stop``)."""
         self.state.status = first_stop.raw
         self._check(self._library.ww_save(self._state_ref))
-
-    def check_seccomp(self, seccomp_mode: int) -> None:
-        """Refuse (nothing changed yet) unless the filters allow userfaultfd and close."""
-        _check_seccomp(self.pid, self.tid, self.gadget, seccomp_mode)
 
     def steal(self, pause_s: float) -> int:
         """EXITKILL on, userfaultfd, pidfd_getfd, close: our copy of the target's new uffd."""
@@ -626,11 +660,9 @@ def _stuck_at_stop(pid: int, tid: int) -> _StuckTracee:
 
 
 def _stop(
-    pid: int, tid: int, deadline_ns: int, window: str, *, gadget: int, mem_fd: int, pidfd: int
+    pid: int, tid: int, deadline_ns: int, compiled: _CSession | None, *, gadget: int, mem_fd: int, pidfd: int
 ) -> _Session | _CSession:
-    """Seize and interrupt ``tid``; returns the session of the stopped thread."""
-    # Before the seize: a seized thread that is never stopped could not be let go.
-    compiled = _open_window(pid, tid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+    """Seize and interrupt ``tid``; returns the session of the stopped thread (``compiled`` if given)."""
     try:
         seize(tid)
     except AccessDenied:
@@ -675,10 +707,11 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
                 causes = "; ".join(f"thread {t} is {why}" for t, why in choice.items())
                 raise InjectionRefused(errno.EAGAIN, f"no thread of process {pid} can be stopped safely: {causes}")
             time.sleep(0.001)
-        # Filters are per thread (without TSYNC): the chosen thread's mode decides.
-        seccomp_mode = _thread_seccomp_mode(pid, choice.tid)
-        session = _stop(pid, choice.tid, deadline_ns, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-        stolen = _steal_uffd(session, seccomp_mode, float(request.get("pause_in_window_s") or 0))
+        seccomp = _seccomp_check(pid, choice.tid, gadget)
+        # Before the seize: a seized thread that is never stopped could not be let go.
+        compiled = _open_window(pid, choice.tid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        session = _stop(pid, choice.tid, deadline_ns, compiled, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        stolen = _steal_uffd(session, seccomp, float(request.get("pause_in_window_s") or 0))
     finally:
         os.close(mem_fd)
         if pidfd >= 0:
@@ -687,16 +720,9 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
     return reply, [stolen]
 
 
-def _thread_seccomp_mode(pid: int, tid: int) -> int:
-    try:
-        return read_status(f"{pid}/task/{tid}").seccomp_mode
-    except ProcessGone:
-        return read_status(pid).seccomp_mode  # the thread left; the stop will tell
-
-
 def _steal_uffd(
     session: _Session | _CSession,
-    seccomp_mode: int,
+    seccomp: _SeccompCheck | None,
     pause_s: float = 0.0,
     before_detach: Callable[[int], None] | None = None,
 ) -> int:
@@ -707,7 +733,8 @@ def _steal_uffd(
     """
     stolen = -1
     try:
-        session.check_seccomp(seccomp_mode)
+        if seccomp is not None:
+            seccomp.run()
         stolen = session.steal(pause_s)
         if before_detach is not None:
             handed_over, stolen = stolen, -1
@@ -805,7 +832,7 @@ def _spawn_inject(
             session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
         stolen = _steal_uffd(
             session,
-            read_status(pid).seccomp_mode,
+            _seccomp_check(pid, pid, gadget),
             before_detach=hand_over if request.get("pause_before_start") else None,
         )
     finally:
