@@ -9,15 +9,19 @@ INJECTION.md): afterwards the target's fd table is as before and the caller driv
 How one injection runs:
 
 1. *Before any stop*: read ``/proc/PID/status`` (refuse if already traced, strict seccomp,
-   or non-dumpable for a non-root caller), find a ``0f 05`` (``syscall``) byte pair in the
-   target's vDSO, and choose a thread (:func:`choose_thread`).
+   or non-dumpable for a non-root caller), open the pidfd and ``/proc/PID/mem``, find a
+   ``0f 05`` (``syscall``) byte pair in the target's vDSO, choose a thread
+   (:func:`choose_thread`), read its seccomp mode and, when a verdict for its filters is
+   remembered, use it (a remembered refusal refuses here), and prepare the window's state.
 2. ``PTRACE_SEIZE`` + ``PTRACE_INTERRUPT`` that one thread and wait, bounded by the deadline,
    for its ``PTRACE_EVENT_STOP``. Other threads keep running: nothing is written into the
    target's code or data.
-3. Save the registers. Evaluate the thread's seccomp filters for the two syscalls we will
-   run (:mod:`.seccomp`); refuse, untouched, unless both would be allowed. If the thread
-   is inside an rseq critical section, move the saved RIP to its abort handler and clear
-   ``rseq_cs``, exactly as the kernel would have done.
+3. Save the registers. Unless a verdict is remembered, dump the thread's seccomp filters and
+   evaluate them for the two syscalls we will run (:mod:`.seccomp`); refuse, untouched,
+   unless both would be allowed. If the thread is inside an rseq critical section (only
+   possible when it was stopped in user mode, since the rseq ABI forbids syscalls inside
+   one), move the saved RIP to its abort handler and clear ``rseq_cs``, exactly as the
+   kernel would have done.
 4. For each syscall set ``rip`` = gadget, ``rax`` = number, arguments, and ``orig_rax = -1``
    (so the kernel's restart logic leaves our registers alone), then single-step and read
    ``rax`` at the SIGTRAP after the gadget. Other signals that stop the thread meanwhile
@@ -29,6 +33,25 @@ How one injection runs:
 
 Decisions:
 
+* **Two implementations of the window, same rules.** Steps 2-5 (from ``PTRACE_INTERRUPT``
+  to ``PTRACE_DETACH``) run in C when they can (``_window.c``, a small shared library called
+  through ctypes, which keeps the GIL released; :class:`_CSession`), else in Python
+  (:class:`_Session`); ``window`` / :data:`DEFAULT_WINDOW` choose. Every decision stays in
+  Python outside the window: thread choice, refusals, seccomp evaluation (between the stop
+  and the first change, in Python for both), error mapping; the C code only runs the
+  same ptrace sequence with the same rseq fix-up, EINTR rewrite, signal holding and
+  re-delivery, and EXITKILL scope. The C window is compiled on first use with ``cc`` into
+  a private cache directory, keyed by the hash of the source (:mod:`._window` documents
+  the build and its fallback: without a compiler the Python window runs, with one logged
+  warning). Measured on this 2-vCPU VM, interleaved on the same targets, the C window
+  stops a target for about 100-150 µs (median), the Python window about 1.4-2x that.
+* **What the window's time is.** Three hand-overs between tracer and tracee (the stop and
+  two single-steps), each a wake-up of the other task, often on a halted vCPU: about
+  25-35 µs each; the syscalls themselves are about 1-3 µs each and the Python overhead
+  of the C window about 5 µs. Waits sleep in ``sigtimedwait`` until the SIGCHLD that a
+  ptrace stop sends the tracer (the helper blocks SIGCHLD); spinning measured no faster
+  and takes a CPU from the tracee. The tracer runs the window at nice -20
+  (:func:`_prioritized`) because on busy CPUs each hand-over can wait for a time slice.
 * **A helper process does the tracing.** Injections run in a long-lived child process of the
   caller (started lazily, one request at a time, fds passed back with SCM_RIGHTS). ptrace
   binds a tracee to the *thread* that attached, and a seized thread that will not stop
@@ -58,7 +81,11 @@ Decisions:
   rewritten to ``-ERESTARTNOHAND`` so the syscall restarts (or fails with EINTR after all
   if a real signal handler runs, as it would have).
 * **Seccomp** is evaluated for ``userfaultfd(flags)`` and ``close(0)`` (the fd number is
-  not known beforehand) with ``ip`` = the address after the gadget.
+  not known beforehand) with ``ip`` = the address after the gadget, against the chosen
+  thread's own filters (they are per thread without TSYNC). The filter dump needs the
+  thread stopped, so the first injection into a filtered thread pays for it inside the
+  window; its verdict is remembered by (thread, start time, number of filters, gadget):
+  filters can only be added, so the same count means the same filters.
 """
 
 from __future__ import annotations
@@ -76,7 +103,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NoReturn
 
@@ -659,6 +686,30 @@ def _stuck_at_stop(pid: int, tid: int) -> _StuckTracee:
     )
 
 
+@contextlib.contextmanager
+def _prioritized() -> Iterator[None]:
+    """Run the block at nice -20, when we may (CAP_SYS_NICE), then go back.
+
+    Each step of the window hands the CPU between us and the target, and on busy CPUs each
+    hand-over can wait for a time slice. A heavier tracer is picked sooner: measured with
+    the two alternating (400 windows each), the p99 stop fell from 1.5 ms to 0.75 ms next
+    to one CPU hog and from 0.73 to 0.45 ms with a busy target thread, and the median did
+    not rise. SCHED_FIFO was tried and rejected: its p99 was better still under hogs, but
+    an RT tracer stays on its own CPU, so on an idle machine every hand-over woke a halted
+    vCPU, and the median rose from about 100 to about 170 µs.
+    """
+    try:
+        previous = os.getpriority(os.PRIO_PROCESS, 0)
+        os.setpriority(os.PRIO_PROCESS, 0, -20)
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        os.setpriority(os.PRIO_PROCESS, 0, previous)
+
+
 def _stop(
     pid: int, tid: int, deadline_ns: int, compiled: _CSession | None, *, gadget: int, mem_fd: int, pidfd: int
 ) -> _Session | _CSession:
@@ -710,8 +761,9 @@ def _inject_running(request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]
         seccomp = _seccomp_check(pid, choice.tid, gadget)
         # Before the seize: a seized thread that is never stopped could not be let go.
         compiled = _open_window(pid, choice.tid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-        session = _stop(pid, choice.tid, deadline_ns, compiled, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-        stolen = _steal_uffd(session, seccomp, float(request.get("pause_in_window_s") or 0))
+        with _prioritized():
+            session = _stop(pid, choice.tid, deadline_ns, compiled, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+            stolen = _steal_uffd(session, seccomp, float(request.get("pause_in_window_s") or 0))
     finally:
         os.close(mem_fd)
         if pidfd >= 0:
@@ -826,15 +878,15 @@ def _spawn_inject(
         gadget = find_vdso_gadget(pid, mem_fd)
         window = str(request.get("window") or "auto")
         session: _Session | _CSession | None = _open_window(pid, pid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-        if isinstance(session, _CSession):
-            session.adopt(first_stop)
-        else:
-            session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
-        stolen = _steal_uffd(
-            session,
-            _seccomp_check(pid, pid, gadget),
-            before_detach=hand_over if request.get("pause_before_start") else None,
-        )
+        seccomp = _seccomp_check(pid, pid, gadget)
+        with _prioritized():
+            if isinstance(session, _CSession):
+                session.adopt(first_stop)
+            else:
+                session = _Session(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+            stolen = _steal_uffd(
+                session, seccomp, before_detach=hand_over if request.get("pause_before_start") else None
+            )
     finally:
         os.close(mem_fd)
         if pidfd >= 0:
