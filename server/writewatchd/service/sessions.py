@@ -1,8 +1,10 @@
-"""Sessions: one tracked process each, with its harvester task, hub and views.
+"""Sessions: one tracked process each, with its hub and views, harvested by a ticker.
 
-A session's harvester is one asyncio task; each harvest (kernel scan plus delta encoding)
-runs in the thread pool, so the event loop never blocks on the kernel. An asyncio lock
-serialises tick and on-demand harvests, which keeps delta numbers in publication order.
+Harvests (kernel scan plus delta encoding) run in the thread pool, so the event loop never
+blocks on the kernel. Sessions that share a tick interval share one :class:`Ticker`: one
+worker-thread call per tick harvests all of them, because the hand-off to a thread costs
+more than an idle harvest. A per-session asyncio lock serialises tick and on-demand
+harvests, which keeps delta numbers in publication order.
 """
 
 from __future__ import annotations
@@ -89,7 +91,6 @@ class ManagedSession:
         self._manager = manager
         self._spawned = spawned
         self._harvest_lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
 
     @property
     def session_id(self) -> str:
@@ -122,8 +123,8 @@ class ManagedSession:
         return self.hub.end
 
     def start(self) -> None:
-        """Start the harvester task."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"harvest-{self.session_id}")
+        """Join the ticker of the session's tick interval."""
+        self._manager.ticker(self.record.tick_interval_ms).add(self)
 
     async def harvest_now(self) -> Delta | None:
         """Harvest at once, publish to every consumer, and return the delta (``None`` if nothing was written)."""
@@ -138,12 +139,15 @@ class ManagedSession:
             except ProcessGone as exc:
                 await self._finish_gone(exc)
                 return None
-            if published is None:
-                return None
-            delta = self.hub.publish(published)
-            for view in self.views.values():
-                view.add(delta.regions)
-            return delta
+            return self._publish(published)
+
+    def _publish(self, published: Published | None) -> Delta | None:
+        if published is None:
+            return None
+        delta = self.hub.publish(published)
+        for view in self.views.values():
+            view.add(delta.regions)
+        return delta
 
     async def _finish_gone(self, exc: ProcessGone) -> None:
         pid = self.record.pid
@@ -160,28 +164,10 @@ class ManagedSession:
         # only a tracker with nothing to scan needs /proc, which costs more than the scan.
         if len(regions) == 0 and len(tracker.tracked) == 0 and not tracker.identity.is_alive():
             raise ProcessGone(3, "the process is gone")
+        if len(regions) == 0 and self.hub.last_seq:
+            return None  # the common idle case: nothing to count, number or encode
         self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
         return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
-
-    async def _run(self) -> None:
-        interval_s = self.record.tick_interval_ms / 1000
-        next_tick = time.monotonic()
-        while self.active:
-            next_tick += interval_s
-            try:
-                await self.harvest_now()
-            except SessionEnded:
-                return
-            except Exception as exc:  # a harvester must never die silently
-                log.exception("harvest of session %s failed", self.session_id)
-                await self.finish(EndReason.ERROR, f"harvest failed: {exc}")
-                return
-            self._reap()
-            delay = next_tick - time.monotonic()
-            if delay < 0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
-                delay = 0
-            await asyncio.sleep(delay)
 
     def _reap(self) -> None:
         if self._spawned is not None:
@@ -248,13 +234,83 @@ class ManagedSession:
         self.record.end_reason = int(reason)
         self.record.end_message = message
         self.hub.finish(reason, message)
-        task = self._task
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
+        self._manager.ticker(self.record.tick_interval_ms).discard(self)
         if self.tracker is not None:
             await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
         self._reap()
         await self._manager.persist(self.record)
+
+
+class Ticker:
+    """Harvests every session of one tick interval, in one worker-thread call per tick."""
+
+    def __init__(self, manager: SessionManager, interval_ms: int) -> None:
+        self.interval_ms = interval_ms
+        self._manager = manager
+        self._sessions: dict[str, ManagedSession] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def add(self, session: ManagedSession) -> None:
+        """Harvest ``session`` from the next tick on."""
+        self._sessions[session.session_id] = session
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"ticker-{self.interval_ms}ms")
+
+    def discard(self, session: ManagedSession) -> None:
+        """Stop harvesting ``session``."""
+        self._sessions.pop(session.session_id, None)
+
+    async def stop(self) -> None:
+        """Cancel the tick loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        interval_s = self.interval_ms / 1000
+        next_tick = time.monotonic()
+        while self._sessions:
+            next_tick += interval_s
+            # A session whose lock is held is being harvested on demand right now.
+            due = [s for s in self._sessions.values() if s.active and not s._harvest_lock.locked()]
+            for session in due:
+                await session._harvest_lock.acquire()  # uncontended: returns without suspending
+            try:
+                outcomes = await loop.run_in_executor(self._manager.executor, _harvest_all, due)
+                for session, outcome in zip(due, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        await self._settle(session, outcome)
+                    elif outcome is not None:
+                        session._publish(outcome)
+                    session._reap()
+            finally:
+                for session in due:
+                    session._harvest_lock.release()
+            delay = next_tick - time.monotonic()
+            if delay < 0:
+                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+                delay = 0
+            await asyncio.sleep(delay)
+
+    @staticmethod
+    async def _settle(session: ManagedSession, error: BaseException) -> None:
+        if isinstance(error, ProcessGone):
+            await session._finish_gone(error)
+        elif not isinstance(error, SessionEnded):  # a harvester must never die silently
+            log.error("harvest of session %s failed: %r", session.session_id, error)
+            await session.finish(EndReason.ERROR, f"harvest failed: {error}")
+
+
+def _harvest_all(sessions: list[ManagedSession]) -> list[Published | BaseException | None]:
+    outcomes: list[Published | BaseException | None] = []
+    for session in sessions:
+        try:
+            outcomes.append(session._harvest_in_thread())
+        except Exception as exc:
+            outcomes.append(exc)
+    return outcomes
 
 
 class SessionManager:
@@ -266,6 +322,14 @@ class SessionManager:
         self.encode = encode
         self.executor = ThreadPoolExecutor(settings.harvest_threads, thread_name_prefix="harvest")
         self._sessions: dict[str, ManagedSession] = {}
+        self._tickers: dict[int, Ticker] = {}
+
+    def ticker(self, interval_ms: int) -> Ticker:
+        """The ticker of one tick interval, created on first use."""
+        ticker = self._tickers.get(interval_ms)
+        if ticker is None:
+            ticker = self._tickers[interval_ms] = Ticker(self, interval_ms)
+        return ticker
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -378,16 +442,14 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
+        for ticker in self._tickers.values():
+            await ticker.stop()
         for session in list(self._sessions.values()):
             if session.active:
                 session.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
-                task = session._task
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-                if session.tracker is not None:
-                    session.tracker.close()
+                async with session._harvest_lock:  # let an on-demand harvest finish first
+                    if session.tracker is not None:
+                        session.tracker.close()
         self.executor.shutdown(wait=True, cancel_futures=True)
 
     def _tick_interval(self, requested_ms: int) -> int:

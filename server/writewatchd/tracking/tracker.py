@@ -167,8 +167,9 @@ class Tracker:
             stats.n_harvests += 1
             stats.last_harvest_ns = elapsed_ns
             stats.total_harvest_ns += elapsed_ns
-            stats.n_regions += len(regions)
-            stats.n_pages += int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE
+            if len(regions):  # numpy reductions cost more than an idle scan
+                stats.n_regions += len(regions)
+                stats.n_pages += int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE
             return regions
 
     def scan(self, start: int, end: int, **masks: int) -> ScanResult:
