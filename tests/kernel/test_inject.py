@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from writewatchd import AccessDenied, InjectionRefused, ProcessGone
+from writewatchd import AccessDenied, FeatureUnavailable, InjectionRefused, ProcessGone
 from writewatchd.kernel import _window, inject
 from writewatchd.kernel._libc import syscall
 from writewatchd.kernel.inject import InjectionResult, inject_userfaultfd
@@ -611,3 +611,42 @@ def test_both_windows_refuse_alike(launch: Callable[..., Target], mode: str, win
         message = str(refused.value).replace(f"process {target.pid}", "process PID")
         refusals.append((type(refused.value), refused.value.errno, message))
     assert refusals[0] == refusals[1]
+
+
+@pytest.fixture
+def fresh_window_build() -> Iterator[None]:
+    """Forget the loaded compiled window before and after the test (``_window.load`` caches it)."""
+    _window.load.cache_clear()
+    yield
+    _window.load.cache_clear()
+
+
+@pytest.mark.parametrize("window", ["auto"])
+def test_without_a_compiler_the_python_window_runs(
+    launch: Callable[..., Target], monkeypatch: pytest.MonkeyPatch, fresh_window_build: None, window: str
+) -> None:
+    monkeypatch.setenv("CC", "writewatch-no-such-compiler")
+    assert _window.load() is None
+    target = launch()
+    # In this process (the helper has its window loaded already).
+    reply, fds = inject._inject_running({"pid": target.pid, "deadline_s": 1.0, "window": window})
+    os.close(fds[0])
+    assert reply["window"] == "python"
+    with pytest.raises(FeatureUnavailable, match="compiled injection window"):
+        inject._inject_running({"pid": target.pid, "deadline_s": 1.0, "window": "c"})
+    assert_unharmed(target)
+
+
+@pytest.mark.parametrize("window", ["auto"])
+def test_no_code_is_loaded_from_a_cache_others_may_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_window_build: None, window: str
+) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o777)
+    cache.chmod(0o777)
+    monkeypatch.setenv("WRITEWATCHD_CACHE_DIR", str(cache))
+    assert _window.load() is None
+    assert list(cache.iterdir()) == []
+    cache.chmod(0o700)
+    assert _window.load.__wrapped__() is not None
+    assert [path.suffix for path in cache.iterdir()] == [".so"]

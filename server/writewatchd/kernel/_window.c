@@ -21,6 +21,11 @@
  * sleeping measured no faster.
  * Each sleep is capped at 1 ms, so a SIGCHLD lost to another thread or to an ignoring
  * disposition costs time, never correctness.
+ *
+ * One difference from the Python window: signals held in the window are kept up to
+ * WW_MAX_HELD (64; only the first keeps its siginfo in either window). More than that many
+ * signals inside a window of a fraction of a millisecond only comes from a flood of
+ * real-time signals, and the excess is dropped rather than re-sent.
  */
 #define _GNU_SOURCE
 #include <errno.h>
