@@ -10,7 +10,7 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from ._client import already_seen, auth_metadata, resolve_address, should_retry
+from ._client import RESUMABLE_ENDS, already_seen, auth_metadata, resolve_address, should_retry
 from ._exceptions import NotFound, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
@@ -248,8 +248,9 @@ class AsyncSession:
 
         Without ``resume`` the stream starts at the beginning of the current epoch (replayed,
         or one resync delta); ``resume=(epoch, seq)`` starts after that delta. With
-        ``reconnect`` an UNAVAILABLE stream is reopened (``client.retry``) after the last delta
-        yielded, so no seq is skipped or repeated.
+        ``reconnect`` a stream that breaks (UNAVAILABLE), is evicted, or ends because the daemon
+        restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
+        skipped or repeated; a new epoch starts with a resync.
         """
         filters = list(filter_ranges or ())
         cursor = resume
@@ -264,8 +265,8 @@ class AsyncSession:
                     failures = 0
                     if response.HasField("session_ended"):
                         reason = EndReason(response.session_ended.reason)
-                        if reason == EndReason.EVICTED and reconnect:
-                            break  # the daemon dropped this stalled stream: reopen from the cursor
+                        if reason in RESUMABLE_ENDS and reconnect:
+                            break  # the session goes on (evicted stream, restarting daemon): reopen from the cursor
                         self.end_reason = reason
                         self.end_message = response.session_ended.message
                         return

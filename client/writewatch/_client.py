@@ -258,8 +258,9 @@ class Session:
 
         Without ``resume`` the stream starts at the beginning of the current epoch (replayed,
         or one resync delta); ``resume=(epoch, seq)`` starts after that delta. With
-        ``reconnect`` an UNAVAILABLE stream is reopened (``client.retry``) after the last delta
-        yielded, so no seq is skipped or repeated.
+        ``reconnect`` a stream that breaks (UNAVAILABLE), is evicted, or ends because the daemon
+        restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
+        skipped or repeated; a new epoch starts with a resync.
         """
         filters = list(filter_ranges or ())
         cursor = resume
@@ -274,8 +275,8 @@ class Session:
                     failures = 0
                     if response.HasField("session_ended"):
                         reason = EndReason(response.session_ended.reason)
-                        if reason == EndReason.EVICTED and reconnect:
-                            break  # the daemon dropped this stalled stream: reopen from the cursor
+                        if reason in RESUMABLE_ENDS and reconnect:
+                            break  # the session goes on (evicted stream, restarting daemon): reopen from the cursor
                         self.end_reason = reason
                         self.end_message = response.session_ended.message
                         return
@@ -295,6 +296,10 @@ class Session:
                 time.sleep(self.client.retry.backoff_s(failures))
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
+
+
+# Ends of a stream, not of the session: a subscriber that reconnects resumes from its cursor.
+RESUMABLE_ENDS = (EndReason.EVICTED, EndReason.DAEMON_SHUTDOWN)
 
 
 def already_seen(delta: Delta, cursor: tuple[int, int] | None) -> bool:

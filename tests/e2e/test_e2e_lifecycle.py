@@ -158,3 +158,24 @@ def test_exec_ends_the_session_with_reason_execed(client: writewatch.Client) -> 
         pass
     assert session.end_reason == writewatch.EndReason.EXECED, session.info().end_message
     assert "executed a new program" in session.info().end_message
+
+
+def test_a_subscriber_rides_through_a_daemon_restart(daemon: DaemonProcess, target: CoopTarget) -> None:
+    with writewatch.Client(daemon.address) as client:
+        session = client.attach(
+            target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=5
+        )
+        stream = session.subscribe()
+        first = next(stream)
+        assert first.resync
+        daemon.stop()
+        target.write(21)  # while no daemon runs
+        daemon.start()
+        resync = next(stream)
+        assert resync.resync and resync.epoch != first.epoch
+        assert target.pages(resync.regions) == set(range(target.n_pages))
+        target.write(22)
+        following = next(stream)
+        assert following.epoch == resync.epoch and following.first_seq == resync.seq + 1
+        assert target.pages(following.regions) == {22}
+        stream.close()

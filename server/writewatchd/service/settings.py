@@ -9,17 +9,9 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-__all__ = ["Settings", "default_listen", "default_state_dir"]
+from writewatch import default_address
 
-
-def _runtime_dir() -> Path:
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(xdg) / "writewatch" if xdg else Path("/run/writewatch")
-
-
-def default_listen() -> str:
-    """The daemon's default address: a Unix socket in a private runtime directory."""
-    return f"unix:{_runtime_dir() / 'writewatchd.sock'}"
+__all__ = ["Settings", "default_state_dir"]
 
 
 def default_state_dir() -> Path:
@@ -35,7 +27,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WRITEWATCHD_", extra="forbid", toml_file=None)
 
-    listen: str = Field(default_factory=default_listen, description="unix:PATH or tcp:HOST:PORT")
+    listen: str = Field(default_factory=default_address, description="unix:PATH or tcp:HOST:PORT")
     socket_mode: int = Field(0o600, description="permission bits of the Unix socket")
     state_dir: Path = Field(default_factory=default_state_dir, description="directory of the SQLite state store")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; required for tcp: unless insecure_tcp")
