@@ -168,7 +168,7 @@ async def test_async_subscribe_reassembles_and_resumes(address: str, fake: FakeW
             delta(1, [(0x4000, 0x5000)], index=1, n_fragments=2),
             UNAVAILABLE,
         ],
-        [delta(2, [(0x1000, 0x2000)]), ended(pb.END_REASON_DAEMON_SHUTDOWN)],
+        [delta(2, [(0x1000, 0x2000)]), ended(pb.END_REASON_EXITED)],
     ]
     async with writewatch.AsyncClient(address, retry=FAST_RETRY) as client:
         session = await client.session(SESSION_ID)
@@ -176,4 +176,4 @@ async def test_async_subscribe_reassembles_and_resumes(address: str, fake: FakeW
     assert [d.seq for d in deltas] == [1, 2]
     assert deltas[0].regions.tolist() == [[0x1000, 0x2000], [0x4000, 0x5000]]
     assert resume_points(fake) == [None, None, (EPOCH, 1)]
-    assert session.end_reason is writewatch.EndReason.DAEMON_SHUTDOWN
+    assert session.end_reason is writewatch.EndReason.EXITED
