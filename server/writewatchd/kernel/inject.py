@@ -941,6 +941,9 @@ def _helper_main(fd: int) -> None:
     libc.prctl(_PR_SET_TIMERSLACK, 1, 0, 0, 0)
     with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as f:
         f.write("-1000")
+    # Build (first run after a source change) or load the compiled window now, so that no
+    # request's deadline pays for a compilation.
+    _window.load()
     sock = socket.socket(fileno=fd)
 
     def send(message: dict[str, Any], fds: list[int]) -> None:
