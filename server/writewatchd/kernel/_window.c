@@ -30,6 +30,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <signal.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -93,6 +94,11 @@ struct ww_window {
     int64_t interrupt_ns, detach_ns;
     uint64_t saved[N_REGS], restored[N_REGS];
 };
+
+/* Python checks its mirror of the struct against this before the first call. */
+size_t ww_size(void) {
+    return sizeof(struct ww_window);
+}
 
 static int64_t now_ns(void) {
     struct timespec ts;

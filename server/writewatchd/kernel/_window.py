@@ -154,6 +154,10 @@ def load() -> ctypes.CDLL | None:
         detail = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else ""
         _log.warning("cannot build the injection window (%s%s): injections use the slower Python window", exc, detail)
         return None
+    library.ww_size.restype = ctypes.c_size_t
+    if library.ww_size() != ctypes.sizeof(WindowState):
+        _log.warning("the injection window's struct does not match its mirror: injections use the Python window")
+        return None
     for name in ("ww_stop", "ww_save", "ww_steal", "ww_release"):
         function = getattr(library, name)
         function.argtypes = [ctypes.POINTER(WindowState)]
