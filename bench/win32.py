@@ -21,6 +21,7 @@ import ctypes
 import subprocess
 import threading
 import time
+from typing import Any
 
 from common import PAGE_SIZE, AnonMemory, Daemon, Section, Stats, Target, build
 
@@ -75,6 +76,7 @@ def run(quick: bool) -> Section:
             "bare PAGEMAP_SCAN us (C)",
             "WriteWatch in-process us",
             "View over gRPC us",
+            "of it: Harvest RPC us",
             "mprotect / in-process",
             "mprotect / gRPC",
         ],
@@ -83,7 +85,13 @@ def run(quick: bool) -> Section:
         client = daemon.client()
         try:
             for n_pages, n_threads in SHAPES:
-                samples: dict[str, list[float]] = {"mprotect": [], "uffd": [], "in-process": [], "grpc": []}
+                samples: dict[str, list[float]] = {
+                    "mprotect": [],
+                    "uffd": [],
+                    "in-process": [],
+                    "grpc": [],
+                    "harvest-rpc": [],
+                }
                 memory = AnonMemory(n_pages * PAGE_SIZE)
                 memory.populate("write")
                 with WriteWatch() as watch, Target(n_pages, "write") as target:
@@ -123,18 +131,32 @@ def run(quick: bool) -> Section:
                             raise RuntimeError(f"gRPC: {len(result.addresses)} of {n_pages} pages")
                         return elapsed_us
 
+                    def harvest_rpc(
+                        target: Target = target,
+                        n_pages: int = n_pages,
+                        n_threads: int = n_threads,
+                        session: Any = session,
+                    ) -> float:
+                        """The same writes, then only the Harvest RPC: what GetWriteWatch costs before the view."""
+                        target.command(f"p {n_threads} {n_pages}")
+                        started_ns = time.perf_counter_ns()
+                        session.harvest()
+                        return (time.perf_counter_ns() - started_ns) / 1e3
+
                     in_process(1)  # warm-up
                     over_grpc()
                     for r in range(rounds):
-                        steps = ["c", "in-process", "grpc"]
-                        for step in steps[r % 3 :] + steps[: r % 3]:
+                        steps = ["c", "in-process", "grpc", "harvest-rpc"]
+                        for step in steps[r % 4 :] + steps[: r % 4]:
                             if step == "c":
                                 for mode, us in _c_round(n_pages, n_threads).items():
                                     samples[mode].append(us)
                             elif step == "in-process":
                                 samples["in-process"].append(in_process(r % 250 + 2))
-                            else:
+                            elif step == "grpc":
                                 samples["grpc"].append(over_grpc())
+                            else:
+                                samples["harvest-rpc"].append(harvest_rpc())
                     session.close()
                 memory.close()
                 stats = {k: Stats.of(v) for k, v in samples.items()}
@@ -144,6 +166,7 @@ def run(quick: bool) -> Section:
                     stats["uffd"].fmt(1),
                     stats["in-process"].fmt(1),
                     stats["grpc"].fmt(1),
+                    stats["harvest-rpc"].fmt(1),
                     Stats.of([m / i for m, i in zip(samples["mprotect"], samples["in-process"], strict=True)]).fmt(2),
                     Stats.of([m / g for m, g in zip(samples["mprotect"], samples["grpc"], strict=True)]).fmt(2),
                 )
