@@ -48,9 +48,11 @@ Decisions:
 * **What the window's time is.** Three hand-overs between tracer and tracee (the stop and
   two single-steps), each a wake-up of the other task, often on a halted vCPU: about
   25-35 µs each; the syscalls themselves are about 1-3 µs each and the Python overhead
-  of the C window about 5 µs. Waits sleep in ``sigtimedwait`` until the SIGCHLD that a
-  ptrace stop sends the tracer (the helper blocks SIGCHLD); spinning measured no faster
-  and takes a CPU from the tracee. The tracer runs the window at nice -20
+  of the C window about 5 µs. The C window's waits sleep in ``sigtimedwait`` until the
+  SIGCHLD that a ptrace stop sends the tracer (the helper blocks SIGCHLD): spinning before,
+  with pause or with sched_yield, measured no faster and worse in the tail. The Python
+  window yields 50 times before that sleep, which measured about 40 µs faster there
+  (:func:`.ptrace.wait_stop`). The tracer runs the window at nice -20
   (:func:`_prioritized`) because on busy CPUs each hand-over can wait for a time slice.
 * **A helper process does the tracing.** Injections run in a long-lived child process of the
   caller (started lazily, one request at a time, fds passed back with SCM_RIGHTS). ptrace
