@@ -29,7 +29,9 @@ import numpy as np
 from common import GIB, MIB, PAGE_SIZE, AnonMemory, BareScan, Daemon, Section, Stats, Target, hashed_pages, interleaved
 
 from writewatchd.kernel import ProcessIdentity, Userfaultfd
+from writewatchd.kernel._libc import retain_freed_memory
 from writewatchd.service.hub import Hub
+from writewatchd.service.server import _RETAIN_FREED_BYTES
 from writewatchd.service.wire import delta_frames
 from writewatchd.tracking import WriteWatch
 from writewatchd.tracking.regions import merge
@@ -132,6 +134,8 @@ def _now_ns() -> int:
 
 def in_process(size_bytes: int, percents: list[float], rounds: int, *, writewatch_percents: list[float]) -> list[Case]:
     """Daemon harvest (Tracker + Hub.prepare + encoding) and WriteWatch.harvest vs bare, one mapping."""
+    # Allocator settings as in the daemon's run(): numpy temporaries are reused, not re-faulted.
+    retain_freed_memory(_RETAIN_FREED_BYTES)
     memory = AnonMemory(size_bytes)
     results: list[Case] = []
     try:

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 
 from .._exceptions import UsageError
+from ..kernel._libc import retain_freed_memory
 from ..tracking.delta import Delta
 from .metrics import serve_metrics
 from .servicer import WriteWatchServicer, generic_handler
@@ -117,8 +118,14 @@ async def _set_health(servicer: Any, status: int) -> None:
         await servicer.set(name, status)
 
 
+# Above the largest numpy temporaries of one fragment's encoding (a 504,405-region delta needs
+# 8 MiB), small enough that retained free memory stays well inside the RSS budget.
+_RETAIN_FREED_BYTES = 16 << 20
+
+
 async def run(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     """Serve until SIGINT/SIGTERM."""
+    retain_freed_memory(_RETAIN_FREED_BYTES)
     daemon = Daemon(settings)
     address = await daemon.start()
     log.info("writewatchd listening on %s", address)

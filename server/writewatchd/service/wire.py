@@ -38,31 +38,46 @@ def delta_message(
     ``n_pages`` is the delta's page count when the caller already has it (a pass over all
     regions otherwise).
     """
-    return pb.Delta(
-        session_id=session_id,
-        epoch=delta.epoch,
-        seq=delta.seq,
-        first_seq=delta.first_seq,
-        resync=delta.resync,
-        harvested_at_unix_ns=delta.harvested_at_unix_ns,
-        regions=encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE),
-        fragment_index=index,
-        n_fragments=count,
-        n_regions=delta.n_regions,
-        n_pages=delta.n_pages if n_pages is None else n_pages,
-    )
+    message = pb.Delta()
+    _fill_delta(message, session_id, delta, regions=regions, index=index, count=count, n_pages=n_pages)
+    return message
+
+
+def _fill_delta(
+    message: pb.Delta,
+    session_id: str,
+    delta: Delta,
+    *,
+    regions: RegionArray | None,
+    index: int,
+    count: int,
+    n_pages: int | None,
+) -> None:
+    # Filled in place: passing a built message to a constructor copies it, regions included
+    # (a 1 MiB fragment would be copied once more per level of nesting).
+    message.session_id = session_id
+    message.epoch = delta.epoch
+    message.seq = delta.seq
+    message.first_seq = delta.first_seq
+    message.resync = delta.resync
+    message.harvested_at_unix_ns = delta.harvested_at_unix_ns
+    message.regions.CopyFrom(encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE))
+    message.fragment_index = index
+    message.n_fragments = count
+    message.n_regions = delta.n_regions
+    message.n_pages = delta.n_pages if n_pages is None else n_pages
 
 
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
     chunks = split_regions(delta.regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
     n_pages = delta.n_pages
-    return [
-        pb.SubscribeResponse(
-            delta=delta_message(session_id, delta, chunk, i, len(chunks), n_pages=n_pages)
-        ).SerializeToString()
-        for i, chunk in enumerate(chunks)
-    ]
+    frames: list[bytes] = []
+    for i, chunk in enumerate(chunks):
+        response = pb.SubscribeResponse()
+        _fill_delta(response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages)
+        frames.append(response.SerializeToString())
+    return frames
 
 
 def ended_frame(end: SessionEnd) -> bytes:
