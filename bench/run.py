@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite bench/RESULTS.md (``make bench``).
 
-    .venv/bin/python bench/run.py            # full run (~15 min), rewrites bench/RESULTS.md
+    .venv/bin/python bench/run.py            # full run (~5 min here), rewrites bench/RESULTS.md
     .venv/bin/python bench/run.py --quick    # seconds-long smoke run of everything, to stdout
     .venv/bin/python bench/run.py --only fanout latency   # some sections, to stdout
 
