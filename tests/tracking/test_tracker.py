@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -100,3 +102,38 @@ def test_target_exit_raises_process_gone(target: CoopTarget) -> None:
     target.exit()
     with pytest.raises(ProcessGone):
         tracker.harvest()
+
+
+def test_munmap_and_fresh_mapping_report_the_range_written_then_track_again(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    target.command("u 10 4")  # fresh, unregistered memory where pages 10-13 were
+    assert tracker.harvest().tolist() == [[target.base, target.end]]  # lossless: all written
+    assert tracker.statistics.n_ranges_lost == 1
+    target.write(11)
+    target.write(50)
+    assert target.pages(tracker.harvest()) == {11, 50}
+
+
+def test_mremap_in_auto_mode_tracks_the_moved_buffer(target: CoopTarget) -> None:
+    tracker = _tracker(target, ranges=[], auto=True)
+    tracker.harvest()
+    target.base = int(target.command("M").split()[1], 16)
+    target.end = target.base + target.n_pages * PAGE
+    moved = tracker.harvest()
+    assert target.pages(moved) == set(range(target.n_pages))  # a new mapping starts all written
+    target.write(5)
+    assert 5 in target.pages(tracker.harvest())
+    assert target.pages(tracker.harvest()) == set()
+
+
+def test_fork_leaves_the_parent_tracking_exact(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    child = int(target.command("f").split()[1])
+    try:
+        target.write(3)
+        target.kernel_write(60)
+        assert target.pages(tracker.harvest()) == {3, 60}
+    finally:
+        os.kill(child, signal.SIGKILL)  # the target reaps it; it is not our child

@@ -222,20 +222,27 @@ class Tracker:
         for start, end in _minus(wanted.regions, current.regions).tolist():
             self._register(start, end)
 
-    def _register(self, start: int, end: int, *, explicit: bool = False) -> None:
+    def _arm(self, start: int, end: int) -> KernelError | None:
+        """Register and write-protect one range; the kernel's refusal, if any (ProcessGone raises)."""
         try:
             self._uffd.register(start, end - start)
             self._uffd.write_protect(start, end - start)
         except ProcessGone:
             raise
         except KernelError as exc:
-            self.statistics.n_registrations_failed += 1
             self._note(f"register [0x{start:x}, 0x{end:x}): {exc}")
+            return exc
+        return None
+
+    def _register(self, start: int, end: int, *, explicit: bool = False) -> None:
+        error = self._arm(start, end)
+        if error is not None:
+            self.statistics.n_registrations_failed += 1
             if not explicit:
                 return  # auto mode: a mapping we cannot track is skipped, and retried next tick
-            if isinstance(exc, RangeBusy):
-                raise
-            raise InvalidRange(f"[0x{start:x}, 0x{end:x}) cannot be tracked in pid {self.pid}: {exc}") from None
+            if isinstance(error, RangeBusy):
+                raise error
+            raise InvalidRange(f"[0x{start:x}, 0x{end:x}) cannot be tracked in pid {self.pid}: {error}")
         span = as_regions([(start, end)])
         self._registered.add(span)
         self._pending_written.add(span)
@@ -258,15 +265,9 @@ class Tracker:
             as_regions([(m.start, m.end) for m in read_maps(self.pid) if m.start < end and start < m.end])
         ).clip(start, end)
         for m_start, m_end in mapped.tolist():
-            try:
-                self._uffd.register(m_start, m_end - m_start)
-                self._uffd.write_protect(m_start, m_end - m_start)
-            except ProcessGone:
-                raise
-            except KernelError as exc:
-                self._note(f"re-register [0x{m_start:x}, 0x{m_end:x}): {exc}")
-                continue
-            self._registered.add(as_regions([(m_start, m_end)]))
+            # The caller reports the whole range written, so nothing goes to _pending_written.
+            if self._arm(m_start, m_end) is None:
+                self._registered.add(as_regions([(m_start, m_end)]))
 
     def _note(self, message: str) -> None:
         errors = self.statistics.last_errors
