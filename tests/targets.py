@@ -9,6 +9,9 @@ from pathlib import Path
 import numpy as np
 
 PAGE = 4096
+# A tick interval for sessions whose tests compare on-demand harvests exactly: no tick
+# harvest may take the pages first.
+NO_TICKS_MS = 3_600_000
 FIXTURES = Path(__file__).parent / "fixtures"
 BIN = FIXTURES / "bin"
 

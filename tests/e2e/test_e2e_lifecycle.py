@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -13,10 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import writewatch
 from daemonproc import DaemonProcess
-from targets import PAGE, CoopTarget
-
-# Sessions whose tests compare on-demand harvests exactly: no tick harvest may take the pages first.
-NO_TICKS_MS = 3_600_000
+from targets import NO_TICKS_MS, PAGE, CoopTarget
 
 
 @pytest.fixture
@@ -179,3 +177,20 @@ def test_a_subscriber_rides_through_a_daemon_restart(daemon: DaemonProcess, targ
         assert following.epoch == resync.epoch and following.first_seq == resync.seq + 1
         assert target.pages(following.regions) == {22}
         stream.close()
+
+
+def test_exit_ends_a_session_whose_tick_is_an_hour(client: writewatch.Client, target: CoopTarget) -> None:
+    session = client.attach(
+        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+    )
+    ended = threading.Event()
+
+    def consume() -> None:
+        for _ in session.subscribe():
+            pass
+        ended.set()
+
+    threading.Thread(target=consume, daemon=True).start()
+    target.exit()
+    assert ended.wait(20), "the exit was not noticed without a harvest"
+    assert session.end_reason == writewatch.EndReason.EXITED

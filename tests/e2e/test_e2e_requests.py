@@ -9,7 +9,7 @@ import pytest
 
 import writewatch
 from daemonproc import DaemonProcess
-from targets import PAGE, CoopTarget
+from targets import NO_TICKS_MS, PAGE, CoopTarget
 from writewatch._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 
 pb = writewatch.pb
@@ -108,7 +108,9 @@ def test_the_target_is_still_trackable_after_refusals(
 ) -> None:
     for _ in range(3):
         _code(lambda: stub.CreateSession(_create(target, uffd_fd=0), timeout=10))
-    session = client.attach(target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd)
+    session = client.attach(
+        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+    )
     session.harvest()
     target.write(9)
     delta = session.harvest()
@@ -118,7 +120,9 @@ def test_the_target_is_still_trackable_after_refusals(
 def test_bad_requests_on_a_session_change_nothing(
     stub: WriteWatchStub, client: writewatch.Client, target: CoopTarget
 ) -> None:
-    session = client.attach(target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd)
+    session = client.attach(
+        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+    )
     before = session.info()
     sid = session.id
     outside = target.end + 16 * PAGE
@@ -220,7 +224,9 @@ def test_bad_requests_on_a_session_change_nothing(
 
 
 def test_requests_to_an_ended_session(stub: WriteWatchStub, client: writewatch.Client, target: CoopTarget) -> None:
-    session = client.attach(target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd)
+    session = client.attach(
+        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+    )
     target.exit()
     ended = list(session.subscribe())  # the stream replays the epoch, then ends
     assert session.end_reason == writewatch.EndReason.EXITED

@@ -13,7 +13,7 @@ import pytest
 
 import writewatch
 from daemonproc import DaemonProcess
-from targets import PAGE, CoopTarget
+from targets import NO_TICKS_MS, PAGE, CoopTarget
 from writewatch._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 
 
@@ -183,7 +183,7 @@ def test_subscriber_that_stops_reading_loses_nothing(
 
 
 def test_reconnect_resumes_without_gap_or_duplicate(client: writewatch.Client, target: CoopTarget) -> None:
-    session = _attach(client, target)
+    session = _attach(client, target, tick_interval_ms=NO_TICKS_MS)
     first = Collector(session)
     target.write(1)
     cut = session.harvest()
@@ -253,7 +253,7 @@ def test_big_deltas_arrive_in_fragments_and_are_reassembled(
 ) -> None:
     target = CoopTarget(1 << 18)  # 1 GiB of address space; every other page written gives 131,072 regions
     request.addfinalizer(target.kill)
-    session = _attach(client, target, tick_interval_ms=3_600_000)
+    session = _attach(client, target, tick_interval_ms=NO_TICKS_MS)
     collector = Collector(session)
     collector.wait_for_seq(1)
     written = target.stride_write(0, target.n_pages // 2, 2)
@@ -273,7 +273,7 @@ def test_a_stuck_subscriber_is_evicted_and_told_so_and_the_others_continue(
 ) -> None:
     target = CoopTarget(1 << 16)
     request.addfinalizer(target.kill)
-    session = _attach(client, target, tick_interval_ms=3_600_000)
+    session = _attach(client, target, tick_interval_ms=NO_TICKS_MS)
     stuck = RawSlowReader(daemon.address, session.id, pause_s=4.0)
     request.addfinalizer(stuck.close)
     healthy = Collector(session)

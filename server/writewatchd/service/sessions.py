@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import secrets
 import subprocess
 import time
@@ -31,7 +32,7 @@ from .._exceptions import (
     UsageError,
     WriteWatchError,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, read_status
+from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, pidfd_open, read_status
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
 from ..tracking.regions import EMPTY, RegionArray, as_regions
@@ -91,6 +92,7 @@ class ManagedSession:
         self._manager = manager
         self._spawned = spawned
         self._harvest_lock = asyncio.Lock()
+        self._pidfd = -1
 
     @property
     def session_id(self) -> str:
@@ -123,8 +125,33 @@ class ManagedSession:
         return self.hub.end
 
     def start(self) -> None:
-        """Join the ticker of the session's tick interval."""
+        """Join the ticker of the session's tick interval, and watch for the target's exit."""
         self._manager.ticker(self.record.tick_interval_ms).add(self)
+        # A pidfd turns readable when the process exits: the session ends at once, whatever
+        # its tick interval, instead of at its next harvest.
+        try:
+            self._pidfd = pidfd_open(self.record.pid)
+        except WriteWatchError:
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+
+    def _on_exit(self) -> None:
+        self._close_pidfd()
+        if self.active:
+            task = asyncio.get_running_loop().create_task(self._finish_after_exit())
+            self._manager.background.add(task)
+            task.add_done_callback(self._manager.background.discard)
+
+    async def _finish_after_exit(self) -> None:
+        async with self._harvest_lock:  # an on-demand harvest in flight settles first
+            await self.finish(EndReason.EXITED, f"process {self.record.pid} exited")
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd < 0:
+            return
+        asyncio.get_running_loop().remove_reader(self._pidfd)
+        os.close(self._pidfd)
+        self._pidfd = -1
 
     async def harvest_now(self) -> Delta | None:
         """Harvest at once, publish to every consumer, and return the delta (``None`` if nothing was written)."""
@@ -235,6 +262,7 @@ class ManagedSession:
         self.record.end_message = message
         self.hub.finish(reason, message)
         self._manager.ticker(self.record.tick_interval_ms).discard(self)
+        self._close_pidfd()
         if self.tracker is not None:
             await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
         self._reap()
@@ -323,6 +351,7 @@ class SessionManager:
         self.executor = ThreadPoolExecutor(settings.harvest_threads, thread_name_prefix="harvest")
         self._sessions: dict[str, ManagedSession] = {}
         self._tickers: dict[int, Ticker] = {}
+        self.background: set[asyncio.Task[None]] = set()
 
     def ticker(self, interval_ms: int) -> Ticker:
         """The ticker of one tick interval, created on first use."""
@@ -447,6 +476,7 @@ class SessionManager:
         for session in list(self._sessions.values()):
             if session.active:
                 session.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
+                session._close_pidfd()
                 async with session._harvest_lock:  # let an on-demand harvest finish first
                     if session.tracker is not None:
                         session.tracker.close()
