@@ -41,6 +41,7 @@ class Daemon:
         self.settings = settings
         self.store = StateStore(settings.state_dir / "state.db")
         self.manager = SessionManager(settings, self.store, self._encode)
+        self.servicer = WriteWatchServicer(self.manager)
         # grpc-stubs does not know the asyncio health servicer.
         self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.server = grpc.aio.server(
@@ -57,7 +58,7 @@ class Daemon:
 
     async def start(self) -> str:
         """Bind, serve, re-adopt the previous daemon's sessions; returns the bound address."""
-        self.server.add_generic_rpc_handlers((generic_handler(WriteWatchServicer(self.manager)),))
+        self.server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.address = self._bind()
@@ -109,6 +110,8 @@ class Daemon:
         """End every stream with a final message, then stop serving."""
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.manager.shutdown()
+        # Streams got SessionEnded(DAEMON_SHUTDOWN): let them write it before the server stops.
+        await self.servicer.drain(grace_s)
         await self.server.stop(grace_s)
         self.store.close()
 

@@ -7,6 +7,7 @@ leaks a traceback to a client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -98,6 +99,17 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     def __init__(self, manager: SessionManager) -> None:
         self._manager = manager
+        self._open_streams = 0
+        self._streams_closed = asyncio.Event()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait (bounded) until every open stream has written its last message and returned."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        with contextlib.suppress(TimeoutError):
+            while self._open_streams:
+                self._streams_closed.clear()
+                remaining_s = deadline - asyncio.get_running_loop().time()
+                await asyncio.wait_for(self._streams_closed.wait(), max(remaining_s, 0))
 
     def _session(self, session_id: str) -> ManagedSession:
         return self._manager.get(_require_id(session_id))
@@ -179,6 +191,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             await context.abort(_status_for(exc), str(exc))
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
+        self._open_streams += 1
         try:
             while True:
                 item = await subscriber.next()
@@ -189,6 +202,8 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
                     await self._write_or_evict(context, frame, session, subscriber, evict_after_s)
         finally:
             subscriber.close()
+            self._open_streams -= 1
+            self._streams_closed.set()
 
     @staticmethod
     async def _write_or_evict(
