@@ -39,7 +39,7 @@ from ..tracking.regions import EMPTY, RegionArray, as_regions
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
-from .hub import EndReason, Hub, Published, SessionEnd, Subscriber
+from .hub import EndReason, Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
 
@@ -118,11 +118,6 @@ class ManagedSession:
         if self.tracker is None or not self.active:
             raise SessionEnded(f"session {self.session_id} has ended: {self.record.end_message}")
         return self.tracker
-
-    @property
-    def end(self) -> SessionEnd | None:
-        """Why the session ended, once it has."""
-        return self.hub.end
 
     def start(self) -> None:
         """Join the ticker of the session's tick interval, and watch for the target's exit."""
@@ -467,7 +462,7 @@ class SessionManager:
         session = self.get(session_id)
         await session.finish(EndReason.DELETED, "the session was deleted")
         del self._sessions[session_id]
-        await loop_run(self.executor, self.store.delete, session_id)
+        await asyncio.get_running_loop().run_in_executor(self.executor, self.store.delete, session_id)
 
     async def shutdown(self) -> None:
         """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
@@ -541,11 +536,6 @@ class SessionManager:
         from ..kernel.inject import inject_userfaultfd
 
         return inject_userfaultfd(record.pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
-
-
-async def loop_run(executor: ThreadPoolExecutor, func: Callable[..., Any], *args: Any) -> Any:
-    """Run a blocking call in ``executor`` from the event loop."""
-    return await asyncio.get_running_loop().run_in_executor(executor, func, *args)
 
 
 def _check_pid(pid: int) -> None:
