@@ -40,6 +40,13 @@ def _flag_names(flags: Category | UffdFeature) -> str:
     return " ".join(member.name or "" for member in type(flags) if member in flags) or "-"
 
 
+def _exited_scan(caps: Capabilities) -> str:
+    zombie, reaped = caps.exited_scan_zombie, caps.exited_scan_reaped
+    if zombie is None or reaped is None:
+        return "[yellow]unknown[/]"
+    return f"zombie: {zombie.value}, reaped: {reaped.value}"
+
+
 def _table(caps: Capabilities) -> Table:
     table = Table(title="writewatchd doctor", show_lines=False)
     table.add_column("check")
@@ -72,6 +79,11 @@ def _table(caps: Capabilities) -> Table:
             "restricts ptrace attach (injection), not scanning",
         ),
         ("/dev/userfaultfd", _yes_no(caps.dev_userfaultfd), "alternative to the syscall, by file permission"),
+        (
+            "scan of an exited process",
+            _exited_scan(caps),
+            "builds differ; writewatchd learns exits from a pidfd either way",
+        ),
         ("probe time", f"{caps.probe_ms:.1f} ms", ""),
     ]
     for row in rows:

@@ -25,6 +25,7 @@ import pytest
 from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, ScanFlag, UffdFeature, Userfaultfd
 from writewatchd.kernel._libc import ioctl
 from writewatchd.kernel.pagemap import PAGEMAP_SCAN, PmScanArg
+from writewatchd.kernel.probe import Capabilities, probe
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -450,3 +451,9 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     yield process
     process.kill()
     process.wait()
+
+
+@pytest.fixture(scope="session")
+def kernel_caps() -> Capabilities:
+    """This kernel's probed answers, for tests whose expectation differs between builds."""
+    return probe()

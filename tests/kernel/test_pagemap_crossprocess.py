@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from writewatchd import ProcessGone
 from writewatchd.kernel import PagemapScanner, ScanFlag, UffdFeature, Userfaultfd
+from writewatchd.kernel.probe import Capabilities, ExitedScan, exited_scan_answer
 
 from .conftest import WRITTEN, page_set, region_list
 
@@ -122,9 +122,12 @@ def test_parallel_native_writers_lose_no_update(
     assert pm.harvest(target.addr, target.end).shape == (0, 2)
 
 
-def test_target_exit_is_process_gone(target: WritersTarget, monitor: tuple[Userfaultfd, PagemapScanner]) -> None:
+def test_target_exit_scan_is_gone_or_empty_as_probed(
+    target: WritersTarget, monitor: tuple[Userfaultfd, PagemapScanner], kernel_caps: Capabilities
+) -> None:
     _, pm = monitor
     target.close()
-    with pytest.raises(ProcessGone):
-        pm.harvest(target.addr, target.end)
     assert not os.path.exists(f"/proc/{target.proc.pid}")
+    assert exited_scan_answer(pm) == kernel_caps.exited_scan_reaped
+    if kernel_caps.exited_scan_reaped is ExitedScan.EMPTY:
+        assert pm.harvest(target.addr, target.end).shape == (0, 2)

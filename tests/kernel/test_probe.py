@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from writewatchd import FeatureUnavailable
 from writewatchd.cli import app
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, UffdFeature, Userfaultfd
-from writewatchd.kernel.probe import Capabilities, probe
+from writewatchd.kernel.probe import Capabilities, ExitedScan, probe
 
 from .conftest import MemFactory
 
@@ -127,9 +127,13 @@ class TestDoctor:
         assert result.exit_code == (0 if caps.can_track else 1)
         assert data["pagemap_scan"] == caps.pagemap_scan
         assert data["categories"] == caps.to_dict()["categories"]
+        for key in ("exited_scan_zombie", "exited_scan_reaped"):
+            assert data[key] in {answer.value for answer in ExitedScan}
+            assert data[key] == caps.to_dict()[key]
 
     def test_table(self, caps: Capabilities) -> None:
         result = CliRunner().invoke(app, ["doctor"], env={"COLUMNS": "200"})
         assert result.exit_code == (0 if caps.can_track else 1)
         assert "PAGEMAP_SCAN" in result.output
         assert caps.kernel_release in result.output
+        assert "scan of an exited process" in result.output

@@ -96,12 +96,29 @@ def test_auto_ranges_track_the_buffer_and_new_mappings(target: CoopTarget) -> No
     assert 7 in target.pages(tracker.harvest())
 
 
-def test_target_exit_raises_process_gone(target: CoopTarget) -> None:
-    tracker = _tracker(target)
+@pytest.mark.parametrize("auto", [False, True], ids=["explicit", "auto"])
+@pytest.mark.parametrize("reaped", [False, True], ids=["zombie", "reaped"])
+def test_target_exit_raises_process_gone(target: CoopTarget, reaped: bool, auto: bool) -> None:
+    """The contract on every kernel build, whatever a scan of an exited process answers."""
+    tracker = _tracker(target, auto=auto)
     tracker.harvest()
-    target.exit()
+    target.proc.kill()
+    if reaped:
+        target.proc.wait()
+    else:
+        os.waitid(os.P_PID, target.pid, os.WEXITED | os.WNOWAIT)
+    assert tracker.has_exited()
     with pytest.raises(ProcessGone):
         tracker.harvest()
+    with pytest.raises(ProcessGone):
+        tracker.harvest()
+
+
+def test_a_live_target_has_not_exited(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    tracker.harvest()
+    assert not tracker.has_exited()
+    assert len(tracker.harvest()) == 0
 
 
 def test_munmap_and_fresh_mapping_report_the_range_written_then_track_again(target: CoopTarget) -> None:

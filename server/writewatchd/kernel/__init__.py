@@ -14,7 +14,7 @@ from .pagemap import (
     ScanFlag,
     ScanResult,
 )
-from .pidfd import pidfd_getfd, pidfd_open
+from .pidfd import ProcessHandle, pidfd_getfd, pidfd_open
 from .procfs import (
     Mapping,
     MappingPerm,
@@ -46,6 +46,7 @@ __all__ = [
     "Userfaultfd",
     "is_userfaultfd",
     "mm_fingerprint",
+    "ProcessHandle",
     "pidfd_getfd",
     "pidfd_open",
     "read_maps",

@@ -1,14 +1,15 @@
-"""pidfd_open(2) and pidfd_getfd(2): copy a file descriptor out of another process."""
+"""pidfd_open(2) and pidfd_getfd(2): a handle on one process, and copies of its file descriptors."""
 
 from __future__ import annotations
 
 import errno
 import os
+import select
 
 from .._exceptions import AccessDenied, ProcessGone
 from ._libc import SYS, raise_errno, syscall
 
-__all__ = ["pidfd_getfd", "pidfd_open"]
+__all__ = ["ProcessHandle", "pidfd_getfd", "pidfd_open"]
 
 
 def pidfd_open(pid: int) -> int:
@@ -37,3 +38,32 @@ def pidfd_getfd(pid: int, target_fd: int) -> int:
             hint="the target has no such fd" if -fd == errno.EBADF else "",
         )
     return fd
+
+
+class ProcessHandle:
+    """A pidfd held for a process's whole tracking: it never follows a recycled pid.
+
+    Kernel builds disagree on what a scan of an exited process answers (``ESRCH``, or no
+    regions at all: docs/kernel.md §8.1), so the exit of a target is learnt here, from the
+    pidfd turning readable, and never from a scan.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = pidfd_open(pid)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+
+    def fileno(self) -> int:
+        """The pidfd (readable once the process has exited, zombie or reaped)."""
+        return self._fd
+
+    def has_exited(self) -> bool:
+        """Whether the process has exited (or this handle was closed); never blocks."""
+        return self._fd < 0 or bool(self._poll.poll(0))
+
+    def close(self) -> None:
+        """Close the pidfd; idempotent."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

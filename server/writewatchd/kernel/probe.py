@@ -15,18 +15,20 @@ import errno
 import mmap
 import os
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
-from .._exceptions import KernelError
+from .._exceptions import KernelError, ProcessGone
 from ._libc import libc
 from .pagemap import PAGE_SIZE, Category, PagemapScanner
 from .uffd import TRACKING_FEATURES, UffdFeature, Userfaultfd
 
-__all__ = ["Capabilities", "probe"]
+__all__ = ["Capabilities", "ExitedScan", "exited_scan_answer", "probe"]
 
 #: Linux capability numbers (``linux/capability.h``).
 CAP_SYS_PTRACE = 19
@@ -59,6 +61,17 @@ _c_madvise = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t, ct
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
+class ExitedScan(StrEnum):
+    """What PAGEMAP_SCAN on a pagemap fd answers once its process has exited.
+
+    Two builds of the same kernel version differ here (docs/kernel.md §8.1), so writewatch
+    never relies on either: a pidfd tells when a target exits.
+    """
+
+    PROCESS_GONE = "ESRCH"
+    EMPTY = "no regions"
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """The result of :func:`probe`.
@@ -82,6 +95,8 @@ class Capabilities:
     unprivileged_userfaultfd: int | None
     yama_ptrace_scope: int | None
     dev_userfaultfd: bool
+    exited_scan_zombie: ExitedScan | None
+    exited_scan_reaped: ExitedScan | None
     notes: tuple[str, ...]
     probe_ms: float
 
@@ -116,6 +131,8 @@ class Capabilities:
             "unprivileged_userfaultfd": self.unprivileged_userfaultfd,
             "yama_ptrace_scope": self.yama_ptrace_scope,
             "dev_userfaultfd": self.dev_userfaultfd,
+            "exited_scan_zombie": None if self.exited_scan_zombie is None else self.exited_scan_zombie.value,
+            "exited_scan_reaped": None if self.exited_scan_reaped is None else self.exited_scan_reaped.value,
             "notes": list(self.notes),
             "probe_ms": round(self.probe_ms, 3),
         }
@@ -138,6 +155,7 @@ def probe() -> Capabilities:
     else:
         notes.append("the 2026 PAGEMAP_SCAN fixes were not probed: PAGEMAP_SCAN or WP_ASYNC is missing")
     soft_dirty = _guarded(notes, "soft-dirty", _probe_soft_dirty)
+    exited_zombie, exited_reaped = _probe_exited_scan(notes) if pagemap_scan else (None, None)
 
     return Capabilities(
         kernel_release=release,
@@ -156,6 +174,8 @@ def probe() -> Capabilities:
         unprivileged_userfaultfd=_read_sysctl_int("/proc/sys/vm/unprivileged_userfaultfd"),
         yama_ptrace_scope=_read_sysctl_int("/proc/sys/kernel/yama/ptrace_scope"),
         dev_userfaultfd=os.path.exists("/dev/userfaultfd"),
+        exited_scan_zombie=exited_zombie,
+        exited_scan_reaped=exited_reaped,
         notes=tuple(notes),
         probe_ms=(time.monotonic_ns() - started_ns) / 1e6,
     )
@@ -341,3 +361,36 @@ def _soft_dirty_cycle(pagemap: int, page: int, notes: list[str]) -> bool:
 def _pagemap_entry(pagemap_fd: int, address: int) -> int:
     data = os.pread(pagemap_fd, 8, address // PAGE_SIZE * 8)
     return int.from_bytes(data, "little")
+
+
+def _probe_exited_scan(notes: list[str]) -> tuple[ExitedScan | None, ExitedScan | None]:
+    """Scan a child's pagemap fd once it is a zombie, then once it is reaped."""
+    try:
+        child = subprocess.Popen(
+            ["sleep", "60"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+    except OSError as exc:
+        notes.append(f"exited-process scan not probed: cannot start sleep(1): {exc}")
+        return None, None
+    try:
+        with PagemapScanner(child.pid, capacity_regions=1) as scanner:
+            child.kill()
+            os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)
+            zombie = exited_scan_answer(scanner)
+            child.wait()
+            return zombie, exited_scan_answer(scanner)
+    except KernelError as exc:
+        notes.append(f"exited-process scan probe failed: {exc}")
+        return None, None
+    finally:
+        child.kill()
+        child.wait()
+
+
+def exited_scan_answer(scanner: PagemapScanner) -> ExitedScan:
+    """Which :class:`ExitedScan` a scan through ``scanner`` of an exited process gives."""
+    try:
+        scanner.ioctl(0, PAGE_SIZE)
+    except ProcessGone:
+        return ExitedScan.PROCESS_GONE
+    return ExitedScan.EMPTY

@@ -173,7 +173,7 @@ class ManagedSession:
 
     async def _finish_gone(self, exc: ProcessGone) -> None:
         pid = self.record.pid
-        if self.tracker is not None and self.tracker.identity.is_alive():
+        if self.tracker is not None and not self.tracker.has_exited():
             # Same pid, same start time, but the tracked memory is gone: an execve.
             await self.finish(EndReason.EXECED, f"process {pid} executed a new program; attach again to track it")
             return
@@ -181,11 +181,7 @@ class ManagedSession:
 
     def _harvest_in_thread(self) -> Published | None:
         tracker = self._live_tracker()
-        regions = tracker.harvest()
-        # A scan of an exited process already raised ProcessGone (ESRCH, even as a zombie);
-        # only a tracker with nothing to scan needs /proc, which costs more than the scan.
-        if len(regions) == 0 and len(tracker.tracked) == 0 and not tracker.identity.is_alive():
-            raise ProcessGone(3, "the process is gone")
+        regions = tracker.harvest()  # raises ProcessGone once the target has exited
         if len(regions) == 0 and self.hub.last_seq:
             return None  # the common idle case: nothing to count, number or encode
         self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))

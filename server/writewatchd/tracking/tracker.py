@@ -10,6 +10,7 @@ thread pool. A lock serialises calls, so a tick harvest and an on-demand one nev
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from .._exceptions import (
 from ..kernel import (
     PAGE_SIZE,
     PagemapScanner,
+    ProcessHandle,
     ProcessIdentity,
     ScanResult,
     UffdFeature,
@@ -97,7 +99,12 @@ class Tracker:
         self._explicit = RegionSet(explicit)
         self._registered = RegionSet()
         self._pending_written = RegionSet()
-        self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
+        self._process = ProcessHandle(identity.pid)
+        try:
+            self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
+        except BaseException:
+            self._process.close()
+            raise
         self._mm_fingerprint = mm_fingerprint(identity.pid)
         self._mm_checked_ns = time.perf_counter_ns()
         try:
@@ -121,6 +128,10 @@ class Tracker:
     def tracked(self) -> RegionArray:
         """The ranges tracked right now, sorted and merged."""
         return self._registered.regions
+
+    def has_exited(self) -> bool:
+        """Whether the target has exited (a zombie counts); never blocks."""
+        return self._process.has_exited()
 
     def add_ranges(self, ranges: Iterable[tuple[int, int]] | RegionArray) -> None:
         """Track more explicit ranges; they are reported as written by the next harvest."""
@@ -148,7 +159,8 @@ class Tracker:
     def harvest(self) -> RegionArray:
         """The pages written since the last harvest, re-protected; sorted, merged ``(n, 2)``.
 
-        Raises :class:`ProcessGone` once the target has exited.
+        Raises :class:`ProcessGone` once the target has exited or executed a new program,
+        whatever a scan of its memory answers on this kernel build (docs/kernel.md §8.1).
         """
         with self._lock:
             started_ns = time.perf_counter_ns()
@@ -162,6 +174,8 @@ class Tracker:
                 if len(found):
                     chunks.append(found)
             regions = _union(chunks)
+            if len(regions) == 0 and self._process.has_exited():
+                raise ProcessGone(errno.ESRCH, f"process {self.pid} has exited")
             elapsed_ns = time.perf_counter_ns() - started_ns
             stats = self.statistics
             stats.n_harvests += 1
@@ -184,6 +198,7 @@ class Tracker:
         with self._lock:
             self._uffd.close()
             self._scanner.close()
+            self._process.close()
             self._registered.clear()
 
     def _check_same_mm(self, now_ns: int) -> None:
@@ -195,8 +210,10 @@ class Tracker:
         if now_ns - self._mm_checked_ns < 1_000_000_000:
             return
         self._mm_checked_ns = now_ns
+        if self._process.has_exited():  # a zombie's stat reads zeros: not an exec
+            raise ProcessGone(errno.ESRCH, f"process {self.pid} has exited")
         if mm_fingerprint(self.pid) != self._mm_fingerprint:
-            raise ProcessGone(3, f"pid {self.pid} executed a new program; the tracked memory is gone")
+            raise ProcessGone(errno.ESRCH, f"pid {self.pid} executed a new program; the tracked memory is gone")
 
     def _harvest_range(self, start: int, end: int) -> RegionArray:
         try:
