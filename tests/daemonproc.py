@@ -16,26 +16,31 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 class DaemonProcess:
     """``writewatchd serve`` as a child process; restartable on the same socket and state."""
 
-    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+    def __init__(self, directory: Path, env: dict[str, str], *, name: str = "d", state_dir: Path | None = None) -> None:
         self.directory = directory
-        self.socket = directory / "d.sock"
+        self.socket = directory / f"{name}.sock"
         self.address = f"unix:{self.socket}"
+        self.state_dir = state_dir or directory / "state"
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = directory / "daemon.log"
+        self.log = directory / ("daemon.log" if name == "d" else f"{name}.log")
+
+    def command(self) -> list[str]:
+        """The ``writewatchd serve`` command line."""
+        return [
+            str(Path(sys.executable).parent / "writewatchd"),
+            "serve",
+            "--listen",
+            self.address,
+            "--state-dir",
+            str(self.state_dir),
+        ]
 
     def start(self) -> None:
         """Start and wait until the health service answers SERVING."""
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
-                [
-                    str(Path(sys.executable).parent / "writewatchd"),
-                    "serve",
-                    "--listen",
-                    self.address,
-                    "--state-dir",
-                    str(self.directory / "state"),
-                ],
+                self.command(),
                 env=self.env,
                 stdout=log,
                 stderr=subprocess.STDOUT,

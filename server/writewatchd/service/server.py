@@ -23,6 +23,7 @@ from .metrics import serve_metrics
 from .servicer import WriteWatchServicer, generic_handler
 from .sessions import SessionManager
 from .settings import Settings
+from .statelock import StateDirLock
 from .store import StateStore
 from .wire import delta_frames
 
@@ -35,10 +36,16 @@ _MESSAGE_LIMIT_BYTES = 256 << 20
 
 
 class Daemon:
-    """One writewatchd instance; :meth:`start` binds and re-adopts, :meth:`stop` ends every stream."""
+    """One writewatchd instance; :meth:`start` binds and re-adopts, :meth:`stop` ends every stream.
+
+    Construction takes the state dir's lock first (raising :class:`StateDirBusy` when another
+    daemon owns it), so a refused daemon opens, binds and changes nothing.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.state_lock = StateDirLock(settings.state_dir)
+        self.state_lock.acquire()
         self.store = StateStore(settings.state_dir / "state.db")
         self.manager = SessionManager(settings, self.store, self._encode)
         self.servicer = WriteWatchServicer(self.manager)
@@ -61,7 +68,12 @@ class Daemon:
         self.server.add_generic_rpc_handlers((generic_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        self.address = self._bind()
+        try:
+            self.address = self._bind()
+        except BaseException:
+            self.store.close()
+            self.state_lock.release()
+            raise
         # Not SERVING until the previous daemon's sessions are back: a client that waits for
         # health must find them.
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -69,9 +81,15 @@ class Daemon:
         if self.settings.metrics_port:
             port = serve_metrics(self.manager, self.settings.metrics_port)
             log.info("metrics on http://127.0.0.1:%d/metrics", port)
-        adopted, dead = await self.manager.readopt()
-        if adopted or dead:
-            log.info("re-adopted %d sessions; %d had exited", len(adopted), len(dead))
+        readoption = await self.manager.readopt()
+        if readoption.adopted or readoption.exited or readoption.failed or readoption.kept:
+            log.info(
+                "re-adopted %d sessions; %d had exited, %d could not be re-adopted, %d left active for their holder",
+                len(readoption.adopted),
+                len(readoption.exited),
+                len(readoption.failed),
+                len(readoption.kept),
+            )
         await _set_health(self.health, health_pb2.HealthCheckResponse.SERVING)
         return self.address
 
@@ -114,6 +132,7 @@ class Daemon:
         await self.servicer.drain(grace_s)
         await self.server.stop(grace_s)
         self.store.close()
+        self.state_lock.release()
 
 
 async def _set_health(servicer: Any, status: int) -> None:

@@ -19,7 +19,7 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from writewatch import AttachMode
@@ -27,6 +27,7 @@ from writewatch import AttachMode
 from .._exceptions import (
     LimitExceeded,
     ProcessGone,
+    RangeBusy,
     SessionEnded,
     SessionNotFound,
     UsageError,
@@ -43,7 +44,7 @@ from .hub import EndReason, Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
 
-__all__ = ["AttachMode", "ManagedSession", "SessionManager", "SessionSpec"]
+__all__ = ["AttachMode", "ManagedSession", "Readoption", "SessionManager", "SessionSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +333,22 @@ def _harvest_all(sessions: list[ManagedSession]) -> list[Published | BaseExcepti
     return outcomes
 
 
+# A killed daemon's kernel resources are released fd by fd after its lock is: a successor
+# that starts at once may find the memory still registered for a moment.
+_READOPT_BUSY_ATTEMPTS = 5
+_READOPT_BUSY_BACKOFF_S = 0.2
+
+
+@dataclass(slots=True)
+class Readoption:
+    """What :meth:`SessionManager.readopt` did with each ACTIVE record of the store."""
+
+    adopted: list[ManagedSession] = field(default_factory=list)
+    exited: list[SessionRecord] = field(default_factory=list)
+    failed: list[SessionRecord] = field(default_factory=list)
+    kept: list[SessionRecord] = field(default_factory=list)
+
+
 class SessionManager:
     """Every session of the daemon, and the thread pool their harvests run in."""
 
@@ -405,32 +422,44 @@ class SessionManager:
         session.start()
         return session
 
-    async def readopt(self) -> tuple[list[ManagedSession], list[SessionRecord]]:
+    async def readopt(self) -> Readoption:
         """Re-adopt the live sessions of a previous daemon; record the dead ones as EXITED.
 
-        Each re-adopted session starts a new epoch whose first delta is a RESYNC.
+        Each re-adopted session starts a new epoch whose first delta is a RESYNC. A session
+        whose memory another userfaultfd still tracks (its holder is alive: a daemon on
+        another state dir, or a predecessor still dying) is neither adopted nor ended; its
+        record stays ACTIVE for whoever holds it.
         """
-        adopted: list[ManagedSession] = []
-        dead: list[SessionRecord] = []
-        loop = asyncio.get_running_loop()
+        outcome = Readoption()
         for record in self.store.load("ENDED"):
             self._add_ended(record)
         for record in self.store.load("ACTIVE"):
             identity = ProcessIdentity(record.pid, record.start_time_ticks)
             if not identity.is_alive():
                 await self._record_ended(record, EndReason.EXITED, "the process exited while the daemon was down")
-                dead.append(record)
+                outcome.exited.append(record)
                 continue
             try:
-                uffd = await loop.run_in_executor(self.executor, self._reobtain_uffd, record)
-                tracker = await loop.run_in_executor(
-                    self.executor,
-                    functools.partial(Tracker, identity, uffd, ranges=record.ranges, auto=record.auto_ranges),
+                tracker = await self._readopt_tracker(record, identity)
+            except RangeBusy as exc:
+                log.warning(
+                    "session %s (pid %d) not re-adopted, its record stays ACTIVE: another userfaultfd still "
+                    "tracks its memory (%s); is another writewatchd tracking pid %d?",
+                    record.session_id,
+                    record.pid,
+                    exc,
+                    record.pid,
                 )
+                outcome.kept.append(record)
+                continue
             except Exception as exc:
-                log.warning("could not re-adopt session %s (pid %d): %s", record.session_id, record.pid, exc)
+                if not identity.is_alive():
+                    await self._record_ended(record, EndReason.EXITED, "the process exited while being re-adopted")
+                    outcome.exited.append(record)
+                    continue
+                log.warning("could not re-adopt session %s (pid %d): %r", record.session_id, record.pid, exc)
                 await self._record_ended(record, EndReason.ERROR, f"re-adoption failed: {exc}")
-                dead.append(record)
+                outcome.failed.append(record)
                 continue
             record.epoch = time.time_ns()
             session = ManagedSession(record, tracker, self)
@@ -438,8 +467,24 @@ class SessionManager:
             await self.persist(record)
             await session.harvest_now()
             session.start()
-            adopted.append(session)
-        return adopted, dead
+            outcome.adopted.append(session)
+        return outcome
+
+    async def _readopt_tracker(self, record: SessionRecord, identity: ProcessIdentity) -> Tracker:
+        """A tracker on a fresh userfaultfd; EBUSY is retried while a dying predecessor releases its own."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(_READOPT_BUSY_ATTEMPTS):
+            try:
+                uffd = await loop.run_in_executor(self.executor, self._reobtain_uffd, record)
+                return await loop.run_in_executor(
+                    self.executor,
+                    functools.partial(Tracker, identity, uffd, ranges=record.ranges, auto=record.auto_ranges),
+                )
+            except RangeBusy:
+                if attempt + 1 == _READOPT_BUSY_ATTEMPTS:
+                    raise
+                await asyncio.sleep(_READOPT_BUSY_BACKOFF_S)
+        raise AssertionError("unreachable")
 
     async def _record_ended(self, record: SessionRecord, reason: EndReason, message: str) -> None:
         record.state = "ENDED"
