@@ -12,7 +12,7 @@ import pytest
 from prometheus_client import generate_latest
 
 import writewatch
-from targets import CoopTarget
+from targets import NO_TICKS_MS, CoopTarget
 from writewatchd import UsageError
 from writewatchd.service import Daemon, Settings
 from writewatchd.service.metrics import session_registry
@@ -37,7 +37,9 @@ async def test_tcp_session_and_metrics(tcp_daemon: Daemon) -> None:
     try:
         address = tcp_daemon.address.removeprefix("tcp:")
         async with writewatch.AsyncClient(address) as client:
-            session = await client.attach(target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd)
+            session = await client.attach(
+                target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+            )
             target.write(2)
             delta = await session.harvest()
             assert delta is not None and target.pages(delta.regions) == {2}
