@@ -292,9 +292,18 @@ class Ticker:
         interval_s = self.interval_ms / 1000
         next_tick = time.monotonic()
         while self._sessions:
+            # The first tick comes one interval after the start: a session just created (and
+            # harvested) must not lose its caller's first writes to an immediate tick.
             next_tick += interval_s
+            delay = next_tick - time.monotonic()
+            if delay < 0:
+                next_tick = time.monotonic()  # fell behind: do not burst to catch up
+                delay = 0
+            await asyncio.sleep(delay)
             # A session whose lock is held is being harvested on demand right now.
             due = [s for s in self._sessions.values() if s.active and not s._harvest_lock.locked()]
+            if not due:
+                continue
             for session in due:
                 await session._harvest_lock.acquire()  # uncontended: returns without suspending
             try:
@@ -308,11 +317,6 @@ class Ticker:
             finally:
                 for session in due:
                     session._harvest_lock.release()
-            delay = next_tick - time.monotonic()
-            if delay < 0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
-                delay = 0
-            await asyncio.sleep(delay)
 
     @staticmethod
     async def _settle(session: ManagedSession, error: BaseException) -> None:
@@ -509,6 +513,8 @@ class SessionManager:
         """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
         for ticker in self._tickers.values():
             await ticker.stop()
+        # Exits noticed already are recorded (they need the executor, which is going away).
+        await asyncio.gather(*self.background, return_exceptions=True)
         for session in list(self._sessions.values()):
             if session.active:
                 session.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
