@@ -1,0 +1,35 @@
+"""Fixtures of the reliability suite: a real daemon per test and real targets."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import writewatch
+from daemonproc import DaemonProcess
+
+
+@pytest.fixture
+def daemon_env() -> dict[str, str]:
+    """Extra WRITEWATCHD_* settings for the daemon of one test (override by parametrizing)."""
+    return {}
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, daemon_env: dict[str, str]) -> Iterator[DaemonProcess]:
+    """A running daemon; killed after the test."""
+    d = DaemonProcess(tmp_path, daemon_env)
+    d.start()
+    yield d
+    if d.proc is not None and d.proc.poll() is None:
+        d.proc.kill()
+        d.proc.wait()
+
+
+@pytest.fixture
+def client(daemon: DaemonProcess) -> Iterator[writewatch.Client]:
+    """A client connected to the test's daemon."""
+    with writewatch.Client(daemon.address, timeout_s=20) as c:
+        yield c
