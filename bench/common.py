@@ -337,7 +337,7 @@ class BareScan:
     """The floor: the kernel's fast-path WP scan of ``/proc/PID/pagemap`` into one big buffer.
 
     The buffer holds ``capacity_regions`` so that one ioctl covers the whole range; the loop
-    only exists for the safe completion rule (KERNEL.md §5.1).
+    only exists for the safe completion rule (docs/kernel.md §5.1).
     """
 
     def __init__(self, pid: int, capacity_regions: int) -> None:
@@ -429,7 +429,7 @@ class AnonMemory:
 
 
 def hashed_pages(n_pages: int, percent: float, seed: int = 0) -> npt.NDArray[np.int64]:
-    """Sorted page indices chosen by a hash (splitmix64), ``percent`` of ``n_pages``, as in KERNEL.md §4.2.
+    """Sorted page indices chosen by a hash (splitmix64), ``percent`` of ``n_pages``, as in docs/kernel.md §4.2.
 
     The same hash as bench/fixtures/target.c's ``h`` command, so both pick the same pages.
     """

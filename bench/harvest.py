@@ -13,7 +13,7 @@ This module adds what it lacks:
 The memory is read-populated (the zero page: RSS stays small, 16 GiB of page tables cost
 ~32 MiB); the written pages are chosen by a hash and are the same pages every round, so RSS
 stays at the written share. 100 % at 16 GiB is emulated with ``UFFDIO_WRITEPROTECT(mode=0)``
-as KERNEL.md §4.2 did (validated there against real writes); at 1 GiB it is real writes.
+as docs/kernel.md §4.2 did (validated there against real writes); at 1 GiB it is real writes.
 Before every timed call (baseline or candidate) the same pages are dirtied again, untimed.
 """
 

@@ -5,14 +5,14 @@
     .venv/bin/python bench/scan.py --json     # machine-readable
 
 For each memory preparation (read-populated: zero page; write-populated: private pages)
-and each written share (0%, 1%, 14% of pages, chosen by a hash as in KERNEL.md §4.2), every
+and each written share (0%, 1%, 14% of pages, chosen by a hash as in docs/kernel.md §4.2), every
 round re-dirties the same pages before *each* measured scan (numpy fancy-index stores, not
 timed), then times one baseline scan and one candidate harvest, alternating which goes
 first. Both report and re-protect the same pages; the bench checks that they return the
 same regions, so the two do the same kernel work.
 
 The baseline is the least Python can do: a pre-built ``pm_scan_arg`` with flags
-WP_MATCHING|CHECK_WPASYNC and mask = return = WRITTEN (the kernel's fast path, KERNEL.md
+WP_MATCHING|CHECK_WPASYNC and mask = return = WRITTEN (the kernel's fast path, docs/kernel.md
 §1.7), a preallocated vec large enough that one ioctl always completes the range, and one
 ``ioctl`` call. The candidate is the public API, ``WriteWatch.harvest``, which also
 validates the range, takes its lock and returns a fresh ``(n, 2)`` array.

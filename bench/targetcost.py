@@ -173,7 +173,7 @@ def run(quick: bool) -> Section:
     )
     section.evidence += [
         "The uffd column is pure C with no writewatch code on the write path: a first write is a minor "
-        "fault resolved inside the kernel (KERNEL.md §4.2 measured 0.5-1.1 us on the development VM). "
+        "fault resolved inside the kernel (docs/kernel.md §4.2 measured 0.5-1.1 us on the development VM). "
         "Nothing in writewatch can make it cheaper; the mprotect tracker pays a signal delivery, a "
         "handler and an mprotect syscall (with VMA split/merge) on top of the same kind of fault.",
         f"Expected writer slowdown from faults alone: {faults_per_s:.0f} first writes/s x {uffd_ns:.0f} ns "

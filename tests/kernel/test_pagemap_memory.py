@@ -80,7 +80,7 @@ class TestZeroPage:
 
 
 class TestUnpopulated:
-    """The 2026 fixes (§5.3): pages whose content was dropped must read WRITTEN, on both scan paths."""
+    """The 2026 fixes (docs/kernel.md §5.3): pages whose content was dropped must read WRITTEN, on both scan paths."""
 
     @pytest.fixture
     def dropped(self, make_mem: MemFactory, track: Callable[..., Tracked]) -> Tracked:

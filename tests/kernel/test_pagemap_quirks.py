@@ -1,4 +1,4 @@
-"""The quirks of KERNEL.md §1.6, §1.7, §5.1, §5.2 and the errno table of §1.4, against our exceptions."""
+"""The quirks of docs/kernel.md §1.6, §1.7, §5.1, §5.2 and the errno table of §1.4, against our exceptions."""
 
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def test_uffd_features_agree_with_a_handshake(caps: Capabilities) -> None:
 
 
 def test_fixes_are_detected_on_this_kernel(caps: Capabilities) -> None:
-    """The development kernels behave as fixed (KERNEL.md §5.3); the memory tests check the same by hand."""
+    """The development kernels behave as fixed (docs/kernel.md §5.3); the memory tests check the same by hand."""
     if not caps.can_track:
         pytest.skip("write tracking is unavailable")
     assert caps.fix_unpopulated_written is True

@@ -1,4 +1,4 @@
-"""The userfaultfd lifecycle of KERNEL.md §3: handshake, registration, fork, mremap, munmap, DONTNEED, close."""
+"""The userfaultfd lifecycle of docs/kernel.md §3: handshake, registration, fork, mremap, munmap, DONTNEED, close."""
 
 from __future__ import annotations
 

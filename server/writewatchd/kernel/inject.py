@@ -3,7 +3,7 @@
 A userfaultfd acts on the memory of the process that created it, so the target itself has
 to run ``userfaultfd(O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY)``. We make it do so with
 ptrace, copy the new fd with ``pidfd_getfd`` and close the target's copy ("steal" mode,
-INJECTION.md): afterwards the target's fd table is as before and the caller drives every
+docs/injection.md §1): afterwards the target's fd table is as before and the caller drives every
 ``UFFDIO_*`` ioctl itself, without stopping the target again.
 
 How one injection runs:

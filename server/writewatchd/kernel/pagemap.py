@@ -2,7 +2,7 @@
 
 One :class:`PagemapScanner` per target process holds the open pagemap fd, a reused output
 buffer and a reused argument struct. :meth:`PagemapScanner.scan` walks a whole range by the
-safe completion rule (never trusting ``walk_end`` alone, see KERNEL.md §5.1);
+safe completion rule (never trusting ``walk_end`` alone, see docs/kernel.md §5.1);
 :meth:`PagemapScanner.harvest` is the hot path: report the written pages and re-protect
 exactly those, in one kernel walk per buffer-full.
 """
@@ -298,7 +298,7 @@ class PagemapScanner:
         Returns a sorted ``(n, 2)`` uint64 array of ``[start, end)`` byte addresses. Every
         page of the range must be registered for async write-protect, else
         :class:`NotRegistered` (after which the caller must treat the range as written:
-        the kernel may already have re-protected part of it, KERNEL.md §5.2).
+        the kernel may already have re-protected part of it, docs/kernel.md §5.2).
         """
         if start % PAGE_SIZE:
             _check_range(start, end)
@@ -309,7 +309,7 @@ class PagemapScanner:
         while True:
             # The hot path: the same call as self.ioctl(position, end, flags=_HARVEST_FLAGS,
             # category_mask=WRITTEN, return_mask=WRITTEN), without re-filling nine fields.
-            # walk_end needs no reset: the kernel zeroes it on entry (KERNEL.md §1.4).
+            # walk_end needs no reset: the kernel zeroes it on entry (docs/kernel.md §1.4).
             arg.start = position
             arg.end = end
             n = ioctl(self._fd, PAGEMAP_SCAN, self._harvest_arg_ref)

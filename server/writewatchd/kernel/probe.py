@@ -1,7 +1,7 @@
 """What this kernel and this process can do for write tracking, found by trying it.
 
 :func:`probe` never trusts a version number: every answer comes from a real ioctl on real
-memory of the calling process (KERNEL.md §1.2 feature probe, §5.3 fix detection, §7
+memory of the calling process (docs/kernel.md §1.2 feature probe, §5.3 fix detection, §7
 soft-dirty). It takes a few milliseconds and restores everything it touched: the probe
 mappings are unmapped and the probe userfaultfd is closed, which drops its registrations.
 The one exception: on a kernel that has soft-dirty, checking its reset clears this

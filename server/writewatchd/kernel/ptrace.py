@@ -61,7 +61,7 @@ WALL = 0x40000000  # __WALL: wait for threads as well as processes
 SIGINFO_SIZE = 128
 
 # Waiting: a few yields let a tracee on another CPU reach its stop cheaply; longer spinning
-# starves the tracee on a 2-CPU machine (INJECTION.md). Then sleep: until the SIGCHLD that
+# starves the tracee on a 2-CPU machine (docs/injection.md §2). Then sleep: until the SIGCHLD that
 # every ptrace stop sends the tracer when the calling thread blocks SIGCHLD (one sent
 # before the sleep stays pending, so none is missed; the sleep is capped in case another
 # thread takes it), else briefly. Measured on the Python window, sleeping at once in

@@ -53,7 +53,7 @@ class UffdFeature(enum.IntFlag):
 
 
 #: What async write tracking asks for. No EVENT_* feature: nobody reads the fd, and an
-#: event feature would make the target block until somebody did (KERNEL.md §3).
+#: event feature would make the target block until somebody did (docs/kernel.md §3.1).
 TRACKING_FEATURES = UffdFeature.WP_ASYNC | UffdFeature.WP_UNPOPULATED
 
 
