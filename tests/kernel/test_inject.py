@@ -531,7 +531,7 @@ def _start_daemon_in_window(target: Target, window: str) -> tuple[subprocess.Pop
     assert daemon.stdout is not None
     helper = int(daemon.stdout.readline())
     wait_for(lambda: target.tracer() == helper)
-    time.sleep(0.3)  # the pause starts right after the injected userfaultfd returns
+    wait_for(lambda: bool(target.uffds()))  # the pause starts right after the injected userfaultfd returns
     return daemon, helper
 
 

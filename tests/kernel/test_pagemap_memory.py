@@ -16,6 +16,7 @@ import pytest
 
 from writewatchd import NotRegistered
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner
+from writewatchd.kernel.probe import Capabilities
 
 from .conftest import (
     HPAGE_PMD_BYTES,
@@ -100,10 +101,15 @@ class TestUnpopulated:
         ],
         ids=["fast-path", "anyof", "extra-return-bit", "extra-mask-bit"],
     )
-    def test_dontneed_reads_written(self, dropped: Tracked, masks: dict[str, int]) -> None:
-        assert dropped.written(**masks) == set(range(64))
+    def test_dontneed_reads_written(self, dropped: Tracked, masks: dict[str, int], kernel_caps: Capabilities) -> None:
+        """The fast path reads WRITTEN on every kernel; richer masks only once fixed (as probed)."""
+        everywhere = not masks
+        expected = set(range(64)) if everywhere or kernel_caps.fix_unpopulated_written else set()
+        assert dropped.written(**masks) == expected
 
-    def test_generic_wp_scan_rearms_dropped_pages(self, dropped: Tracked) -> None:
+    def test_generic_wp_scan_rearms_dropped_pages(self, dropped: Tracked, kernel_caps: Capabilities) -> None:
+        if not kernel_caps.fix_unpopulated_written:
+            pytest.skip("unfixed kernel (probed): the generic path neither reports nor re-arms dropped pages")
         mem = dropped.mem
         result = dropped.scanner.scan(mem.addr, mem.end, flags=WP_SCAN, category_anyof_mask=WRITTEN)
         assert page_set(result.regions, mem.addr) == set(range(64))
@@ -111,7 +117,11 @@ class TestUnpopulated:
         mem.write([7])
         assert dropped.harvest() == {7}
 
-    def test_thp_hole_reads_written(self, make_mem: MemFactory, track: Callable[..., Tracked]) -> None:
+    def test_thp_hole_reads_written(
+        self, make_mem: MemFactory, track: Callable[..., Tracked], kernel_caps: Capabilities
+    ) -> None:
+        if kernel_caps.fix_pmd_hole_written is False:
+            pytest.skip("unfixed kernel (probed): a zapped whole THP is neither reported nor re-armed")
         tracked = track(make_mem("thp", HPAGE_PMD_PAGES))
         mem = tracked.mem
         madvise(mem.addr, mem.length_bytes, MADV_DONTNEED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from writewatchd.cli import app
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, UffdFeature, Userfaultfd
 from writewatchd.kernel.probe import Capabilities, ExitedScan, probe
 
-from .conftest import MemFactory
+from .conftest import HPAGE_PMD_PAGES, MADV_DONTNEED, WRITTEN, MemFactory, Tracked, madvise
 
 REQUIRED_SINCE: dict[Category, tuple[int, int]] = {
     **{c: (6, 7) for c in Category},
@@ -65,15 +66,24 @@ def test_uffd_features_agree_with_a_handshake(caps: Capabilities) -> None:
     assert caps.uffd_features == Userfaultfd.supported_features()
 
 
-def test_fixes_are_detected_on_this_kernel(caps: Capabilities) -> None:
-    """The development kernels behave as fixed (docs/kernel.md §5.3); the memory tests check the same by hand."""
+def test_fixes_are_detected_as_a_check_by_hand_shows(
+    caps: Capabilities, make_mem: MemFactory, track: Callable[..., Tracked]
+) -> None:
+    """The verdict on each 2026 fix (docs/kernel.md §5.3) is what the kernel does, fixed or not."""
     if not caps.can_track:
         pytest.skip("write tracking is unavailable")
-    assert caps.fix_unpopulated_written is True
+    dropped = track(make_mem("anon", 64))
+    dropped.mem.write_all()
+    dropped.protect()
+    madvise(dropped.mem.addr, dropped.mem.length_bytes, MADV_DONTNEED)
+    generic = dropped.written(category_mask=0, category_anyof_mask=WRITTEN)
+    assert caps.fix_unpopulated_written == (generic == set(range(64)))
     if caps.fix_pmd_hole_written is None:
         assert any("PMD-hole" in note for note in caps.notes)
         return
-    assert caps.fix_pmd_hole_written is True
+    hole = track(make_mem("thp", HPAGE_PMD_PAGES))
+    madvise(hole.mem.addr, hole.mem.length_bytes, MADV_DONTNEED)
+    assert caps.fix_pmd_hole_written == (hole.harvest() == set(range(HPAGE_PMD_PAGES)))
 
 
 def test_soft_dirty_agrees_with_pagemap_bit_55(caps: Capabilities, make_mem: MemFactory) -> None:
