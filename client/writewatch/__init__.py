@@ -23,6 +23,8 @@ from ._exceptions import (
     OutOfRange,
     PermissionDenied,
     ProtocolError,
+    RecordingError,
+    RecordingVersionError,
     ResourceExhausted,
     RpcError,
     Unauthenticated,
@@ -33,6 +35,7 @@ from ._exceptions import (
 )
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import AttachMode, Delta, EndReason, PageCategory, RetryPolicy, ScanResult, WriteWatchResult
+from .recording import Recording, RecordingTruncatedWarning, read_recording
 from .regions import decode_regions, encode_regions, split_regions
 
 __version__ = "0.1.0"
@@ -58,6 +61,10 @@ __all__ = [
     "PageCategory",
     "PermissionDenied",
     "ProtocolError",
+    "Recording",
+    "RecordingError",
+    "RecordingTruncatedWarning",
+    "RecordingVersionError",
     "ResourceExhausted",
     "RetryPolicy",
     "RpcError",
@@ -75,5 +82,6 @@ __all__ = [
     "default_address",
     "encode_regions",
     "pb",
+    "read_recording",
     "split_regions",
 ]

@@ -248,7 +248,7 @@ class AsyncSession:
 
         Without ``resume`` the stream starts at the beginning of the current epoch (replayed,
         or one resync delta); ``resume=(epoch, seq)`` starts after that delta. With
-        ``reconnect`` a stream that breaks (UNAVAILABLE), is evicted, or ends because the daemon
+        ``reconnect`` a stream that breaks (UNAVAILABLE, CANCELLED), is evicted, or ends because the daemon
         restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
         skipped or repeated; a new epoch starts with a resync.
         """

@@ -258,7 +258,7 @@ class Session:
 
         Without ``resume`` the stream starts at the beginning of the current epoch (replayed,
         or one resync delta); ``resume=(epoch, seq)`` starts after that delta. With
-        ``reconnect`` a stream that breaks (UNAVAILABLE), is evicted, or ends because the daemon
+        ``reconnect`` a stream that breaks (UNAVAILABLE, CANCELLED), is evicted, or ends because the daemon
         restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
         skipped or repeated; a new epoch starts with a resync.
         """
@@ -307,10 +307,15 @@ def already_seen(delta: Delta, cursor: tuple[int, int] | None) -> bool:
     return cursor is not None and delta.epoch == cursor[0] and delta.seq <= cursor[1]
 
 
+# The client never cancels a stream it still reads, so CANCELLED comes from the other side: a
+# stopping daemon cancels the streams that reached it after its last SessionEnded.
+RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 def should_retry(error: grpc.RpcError, reconnect: bool, failures: int, retry: RetryPolicy) -> bool:
-    """Whether a broken stream is reopened: UNAVAILABLE, reconnect on, attempts left."""
+    """Whether a broken stream is reopened: UNAVAILABLE or CANCELLED, reconnect on, attempts left."""
     code: Callable[[], grpc.StatusCode] | None = getattr(error, "code", None)
-    return reconnect and code is not None and code() == grpc.StatusCode.UNAVAILABLE and failures <= retry.max_attempts
+    return reconnect and code is not None and code() in RETRYABLE_CODES and failures <= retry.max_attempts
 
 
 class View:

@@ -2,6 +2,8 @@
 
 WriteWatchError
  ├── ProtocolError
+ ├── RecordingError
+ │    └── RecordingVersionError
  └── RpcError
       ├── Cancelled
       ├── Unknown
@@ -38,6 +40,8 @@ __all__ = [
     "OutOfRange",
     "PermissionDenied",
     "ProtocolError",
+    "RecordingError",
+    "RecordingVersionError",
     "ResourceExhausted",
     "RpcError",
     "Unauthenticated",
@@ -56,6 +60,18 @@ class WriteWatchError(Exception):
 
 class ProtocolError(WriteWatchError):
     """The daemon sent a message that breaks the writewatch protocol."""
+
+
+class RecordingError(WriteWatchError):
+    """A file is not a writewatch recording, or is corrupt (see docs/recording.md)."""
+
+
+class RecordingVersionError(RecordingError):
+    """A recording of a newer format version than this client reads; ``version`` says which."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
 
 
 class RpcError(WriteWatchError):

@@ -116,7 +116,7 @@ class ScanResult:
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
-    """How ``subscribe`` reconnects after UNAVAILABLE: exponential backoff, bounded attempts."""
+    """How ``subscribe`` reconnects after UNAVAILABLE or CANCELLED: exponential backoff, bounded attempts."""
 
     max_attempts: int = 8
     """Consecutive failed reconnects before the error is raised (0 disables reconnecting)."""

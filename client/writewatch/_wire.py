@@ -11,7 +11,7 @@ import numpy as np
 from ._exceptions import ProtocolError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import Delta, ScanResult, WriteWatchResult
-from .regions import DEFAULT_PAGE_SIZE_BYTES, Regions, decode_regions
+from .regions import DEFAULT_PAGE_SIZE_BYTES, Regions, count_pages, decode_regions, encode_regions
 
 __all__ = [
     "CHANNEL_OPTIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "RangesArg",
     "create_request",
     "delta_from_pb",
+    "delta_to_pb",
     "pages_in",
     "scan_result",
     "subscribe_request",
@@ -100,6 +101,23 @@ def delta_from_pb(message: pb.Delta, regions: Regions | None = None) -> Delta:
         harvested_at_unix_ns=message.harvested_at_unix_ns,
         regions=decode_regions(message.regions) if regions is None else regions,
         page_size_bytes=message.regions.page_size_bytes or DEFAULT_PAGE_SIZE_BYTES,
+    )
+
+
+def delta_to_pb(delta: Delta) -> pb.Delta:
+    """The wire message of a whole delta (one fragment): the inverse of :func:`delta_from_pb`."""
+    return pb.Delta(
+        session_id=delta.session_id,
+        epoch=delta.epoch,
+        seq=delta.seq,
+        first_seq=delta.first_seq,
+        resync=delta.resync,
+        harvested_at_unix_ns=delta.harvested_at_unix_ns,
+        regions=encode_regions(delta.regions, page_size_bytes=delta.page_size_bytes),
+        fragment_index=0,
+        n_fragments=1,
+        n_regions=len(delta.regions),
+        n_pages=count_pages(delta.regions, delta.page_size_bytes),
     )
 
 

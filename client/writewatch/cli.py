@@ -6,6 +6,7 @@ import json
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -19,6 +20,7 @@ from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
 from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
+from .recording import record_session
 
 __all__ = [
     "app",
@@ -142,7 +144,7 @@ def _errors() -> Iterator[None]:
     """Turn client errors into one line on stderr and exit status 1."""
     try:
         yield
-    except (WriteWatchError, ValueError) as error:
+    except (WriteWatchError, ValueError, OSError) as error:
         _errors_console.print(f"writewatch: {error}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
@@ -320,6 +322,48 @@ def watch(
     table.add_row("pages/s", f"{summary['pages_per_second']:,.1f}")
     table.add_row("bytes/s", format_bytes(summary["bytes_per_second"]) + "/s")
     _console.print(table)
+
+
+@app.command()
+def record(
+    ctx: typer.Context,
+    *,
+    session_id: SessionArgument,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Recording file to write.", show_default=False)],
+    duration: Annotated[
+        float | None, typer.Option("--duration", "-d", min=0, help="Stop after this many seconds [default: at the end]")
+    ] = None,
+    from_start: Annotated[
+        bool, typer.Option("--from-start", help="Start at the beginning of the current epoch, not at the next delta.")
+    ] = False,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Record a session's deltas into a file until it ends, --duration passes or Ctrl-C.
+
+    The file (docs/recording.md) is read by `report`, `heatmap` and writewatch.read_recording();
+    it stays readable whenever the recorder stops, even when killed.
+    """
+    with _errors(), _client(ctx, address) as client:
+        summary = record_session(
+            client,
+            session_id,
+            output,
+            duration,
+            from_start=from_start,
+            console=_errors_console if _errors_console.is_terminal else None,
+            handle_signals=True,
+        )
+    if as_json:
+        _print_json(summary)
+        return
+    ended = f", session {summary['end_reason']}" if summary["end_reason"] else ""
+    _errors_console.print(
+        f"recorded {summary['n_deltas']:,} deltas, {summary['n_pages']:,} pages "
+        f"({format_bytes(summary['size_bytes'])}) in {summary['elapsed_s']:.1f} s to {summary['path']} "
+        f"({format_bytes(summary['file_bytes'])}; stopped: {summary['stop']}{ended})",
+        soft_wrap=True,
+    )
 
 
 @app.command()

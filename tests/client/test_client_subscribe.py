@@ -99,6 +99,15 @@ def test_new_epoch_after_reconnect_is_delivered(session: writewatch.Session, fak
     assert [(d.epoch, d.seq, d.resync) for d in deltas] == [(EPOCH, 5, False), (EPOCH + 1, 1, True)]
 
 
+def test_a_stream_cancelled_by_a_stopping_daemon_is_reopened(session: writewatch.Session, fake: FakeWriteWatch) -> None:
+    """After SessionEnded(DAEMON_SHUTDOWN) the reconnect may reach the daemon as it stops: CANCELLED."""
+    cancelled = Abort(grpc.StatusCode.CANCELLED, "CANCELLED")
+    fake.streams = [[delta(5, [(0x1000, 0x2000)]), ended(pb.END_REASON_DAEMON_SHUTDOWN)], [cancelled], [ended()]]
+    assert [d.seq for d in session.subscribe()] == [5]
+    assert resume_points(fake) == [None, (EPOCH, 5), (EPOCH, 5)]
+    assert session.end_reason is writewatch.EndReason.EXITED
+
+
 def test_explicit_resume_and_filter_are_sent(session: writewatch.Session, fake: FakeWriteWatch) -> None:
     fake.streams = [[delta(11, [(0x1000, 0x2000)]), ended(pb.END_REASON_DELETED)]]
     deltas = list(session.subscribe(resume=(EPOCH, 10), filter_ranges=[(0x1000, 0x8000)]))

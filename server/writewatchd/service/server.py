@@ -127,6 +127,7 @@ class Daemon:
     async def stop(self, grace_s: float = 2.0) -> None:
         """End every stream with a final message, then stop serving."""
         await _set_health(self.health, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.servicer.stopping = True
         await self.manager.shutdown()
         # Streams got SessionEnded(DAEMON_SHUTDOWN): let them write it before the server stops.
         await self.servicer.drain(grace_s)

@@ -101,6 +101,8 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         self._manager = manager
         self._open_streams = 0
         self._streams_closed = asyncio.Event()
+        self.stopping = False
+        """Set when shutdown begins: new streams are refused UNAVAILABLE, so clients back off and retry."""
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until every open stream has written its last message and returned."""
@@ -180,6 +182,11 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     async def Subscribe(self, request: pb.SubscribeRequest, context: Any) -> None:  # type: ignore[override]
         """Stream deltas with ``context.write`` so a blocked stream can be detected and evicted."""
+        if self.stopping:
+            # Accepted now, the stream would only be cancelled when the server stops; a subscriber
+            # reconnecting after DAEMON_SHUTDOWN must rather back off until the daemon is back.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; retry")
+            return
         try:
             session = self._session(request.session_id)
             if request.HasField("resume_epoch") != request.HasField("resume_seq"):
