@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e './client[plot]' -e './server[dev]'
+	$(PY) -m pip install -q -e './client[plot,nats]' -e './server[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)

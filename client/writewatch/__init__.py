@@ -35,6 +35,7 @@ from ._exceptions import (
 )
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import AttachMode, Delta, EndReason, PageCategory, RetryPolicy, ScanResult, WriteWatchResult
+from ._wire import FragmentAssembler, decode_delta
 from .recording import Recording, RecordingTruncatedWarning, read_recording
 from .regions import decode_regions, encode_regions, split_regions
 
@@ -53,6 +54,7 @@ __all__ = [
     "DeadlineExceeded",
     "Delta",
     "EndReason",
+    "FragmentAssembler",
     "FailedPrecondition",
     "Internal",
     "InvalidArgument",
@@ -78,6 +80,7 @@ __all__ = [
     "WriteWatchError",
     "WriteWatchResult",
     "__version__",
+    "decode_delta",
     "decode_regions",
     "default_address",
     "encode_regions",

@@ -10,17 +10,18 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from ._client import RESUMABLE_ENDS, already_seen, auth_metadata, resolve_address, should_retry
+from ._client import RESUMABLE_ENDS, auth_metadata, resolve_address, should_retry
 from ._exceptions import NotFound, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
 from ._wire import (
     CHANNEL_OPTIONS,
-    FragmentAssembler,
+    FragmentCollector,
     RangesArg,
     create_request,
     delta_from_pb,
+    join_fragments,
     pages_in,
     scan_result,
     subscribe_request,
@@ -252,9 +253,23 @@ class AsyncSession:
         restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
         skipped or repeated; a new epoch starts with a resync.
         """
+        async for fragments in self.subscribe_wire(resume, filter_ranges=filter_ranges, reconnect=reconnect):
+            yield join_fragments(fragments)
+
+    async def subscribe_wire(
+        self,
+        resume: tuple[int, int] | None = None,
+        *,
+        filter_ranges: Iterable[tuple[int, int]] | None = None,
+        reconnect: bool = True,
+    ) -> AsyncIterator[list[pb.Delta]]:
+        """:meth:`subscribe`, yielding each delta as its wire messages (fragments), undecoded.
+
+        For relays such as the JetStream exporter, which pass the serialized fragments on.
+        """
         filters = list(filter_ranges or ())
         cursor = resume
-        assembler = FragmentAssembler()
+        collector = FragmentCollector()
         failures = 0
         while True:
             call = self.client._stub.Subscribe(
@@ -270,19 +285,22 @@ class AsyncSession:
                         self.end_reason = reason
                         self.end_message = response.session_ended.message
                         return
-                    delta = assembler.add(response.delta)
-                    if delta is None or already_seen(delta, cursor):
+                    fragments = collector.add(response.delta)
+                    if fragments is None:
                         continue
-                    cursor = (delta.epoch, delta.seq)
-                    yield delta
+                    last = fragments[-1]
+                    if cursor is not None and last.epoch == cursor[0] and last.seq <= cursor[1]:
+                        continue  # already delivered before the stream was resumed
+                    cursor = (last.epoch, last.seq)
+                    yield fragments
                 else:
                     return
-                assembler.reset()
+                collector.reset()
             except grpc.RpcError as error:
                 failures += 1
                 if not should_retry(error, reconnect, failures, self.client.retry):
                     raise from_grpc_error(error) from None
-                assembler.reset()
+                collector.reset()
                 await asyncio.sleep(self.client.retry.backoff_s(failures))
             finally:
                 call.cancel()

@@ -69,6 +69,10 @@ class Delta:
     regions: Regions = field(repr=False)
     """``(n, 2)`` uint64 ``[start, end)`` byte addresses, sorted, all fragments joined."""
     page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES
+    fragment_index: int = 0
+    """0 for a whole delta; for one fragment (see :func:`writewatch.decode_delta`), its index."""
+    n_fragments: int = 1
+    """1 for a whole delta; for one fragment, how many make the delta (join with ``FragmentAssembler``)."""
 
     @property
     def n_regions(self) -> int:

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ._exceptions import ProtocolError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
@@ -16,10 +17,13 @@ from .regions import DEFAULT_PAGE_SIZE_BYTES, Regions, count_pages, decode_regio
 __all__ = [
     "CHANNEL_OPTIONS",
     "FragmentAssembler",
+    "FragmentCollector",
     "RangesArg",
     "create_request",
+    "decode_delta",
     "delta_from_pb",
     "delta_to_pb",
+    "join_fragments",
     "pages_in",
     "scan_result",
     "subscribe_request",
@@ -91,7 +95,12 @@ def subscribe_request(
 
 
 def delta_from_pb(message: pb.Delta, regions: Regions | None = None) -> Delta:
-    """A Delta from its (last) wire message; regions default to the message's own."""
+    """A Delta from one wire message: that fragment's own regions, or ``regions`` of the joined delta."""
+    if regions is None:
+        regions = decode_regions(message.regions)
+        fragment_index, n_fragments = message.fragment_index, message.n_fragments or 1
+    else:
+        fragment_index, n_fragments = 0, 1
     return Delta(
         session_id=message.session_id,
         epoch=message.epoch,
@@ -99,8 +108,10 @@ def delta_from_pb(message: pb.Delta, regions: Regions | None = None) -> Delta:
         first_seq=message.first_seq or message.seq,
         resync=message.resync,
         harvested_at_unix_ns=message.harvested_at_unix_ns,
-        regions=decode_regions(message.regions) if regions is None else regions,
+        regions=regions,
         page_size_bytes=message.regions.page_size_bytes or DEFAULT_PAGE_SIZE_BYTES,
+        fragment_index=fragment_index,
+        n_fragments=n_fragments,
     )
 
 
@@ -121,42 +132,112 @@ def delta_to_pb(delta: Delta) -> pb.Delta:
     )
 
 
+def decode_delta(payload: bytes) -> Delta:
+    """One serialized ``writewatch.v1.Delta`` (an exported message): a whole delta, or one fragment of it.
+
+    A fragment has ``n_fragments > 1``; :class:`FragmentAssembler` joins the fragments of a delta.
+    """
+    try:
+        message = pb.Delta.FromString(payload)
+    except DecodeError as error:
+        raise ProtocolError(f"not a writewatch.v1.Delta: {error}") from None
+    try:
+        return delta_from_pb(message)
+    except ValueError as error:
+        raise ProtocolError(f"bad regions in a writewatch.v1.Delta: {error}") from None
+
+
 class FragmentAssembler:
-    """Joins the fragments of a delta; a delta is complete only with its last fragment."""
+    """Joins the fragments of a delta, in order; a delta is complete only with its last fragment."""
 
     def __init__(self) -> None:
-        self._key: tuple[int, int] | None = None
+        self._first: Delta | None = None
         self._parts: list[Regions] = []
         self._resync = False
 
     def reset(self) -> None:
         """Drop a partly received delta (its stream broke; the resumed stream resends it)."""
-        self._key = None
+        self._first = None
         self._parts = []
         self._resync = False
 
-    def add(self, message: pb.Delta) -> Delta | None:
-        """Add one fragment; returns the whole delta after its last fragment, else None."""
-        n_fragments = message.n_fragments or 1
-        key = (message.epoch, message.seq)
-        expected_index = len(self._parts) if key == self._key else 0
-        if message.fragment_index != expected_index or message.fragment_index >= n_fragments:
+    @property
+    def pending(self) -> Delta | None:
+        """The first fragment of a partly received delta, if any."""
+        return self._first
+
+    @property
+    def n_received(self) -> int:
+        """Fragments received of the partly received delta."""
+        return len(self._parts)
+
+    def add(self, fragment: pb.Delta | Delta) -> Delta | None:
+        """Add one fragment (wire message or decoded); returns the whole delta after its last, else None."""
+        part = delta_from_pb(fragment) if isinstance(fragment, pb.Delta) else fragment
+        key = (part.epoch, part.seq)
+        pending = self._first
+        expected_index = len(self._parts) if pending is not None and key == (pending.epoch, pending.seq) else 0
+        if part.fragment_index != expected_index or part.fragment_index >= part.n_fragments:
             raise ProtocolError(
-                f"fragment {message.fragment_index}/{n_fragments} of delta {key} arrived, "
+                f"fragment {part.fragment_index}/{part.n_fragments} of delta {key} arrived, "
                 f"expected fragment {expected_index}"
             )
-        if expected_index == 0 and self._parts:
-            raise ProtocolError(f"delta {self._key} ended after {len(self._parts)} fragments, before its last")
-        self._key = key
-        self._parts.append(decode_regions(message.regions))
+        if expected_index == 0 and pending is not None:
+            raise ProtocolError(
+                f"delta {(pending.epoch, pending.seq)} ended after {len(self._parts)} fragments, before its last"
+            )
+        if pending is None or expected_index == 0:
+            self._first = part
+        self._parts.append(part.regions)
         # Over-report rather than under-report: one fragment saying resync is enough.
-        self._resync |= message.resync
-        if message.fragment_index + 1 < n_fragments:
+        self._resync |= part.resync
+        if part.fragment_index + 1 < part.n_fragments:
             return None
         parts, resync = self._parts, self._resync
         self.reset()
         regions = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return dataclasses.replace(delta_from_pb(message, regions), resync=resync)
+        return dataclasses.replace(part, regions=regions, resync=resync, fragment_index=0, n_fragments=1)
+
+
+class FragmentCollector:
+    """Collects the wire messages of a delta in order; returns them all with the last one."""
+
+    def __init__(self) -> None:
+        self._parts: list[pb.Delta] = []
+
+    def reset(self) -> None:
+        """Drop a partly received delta (its stream broke; the resumed stream resends it)."""
+        self._parts = []
+
+    def add(self, message: pb.Delta) -> list[pb.Delta] | None:
+        """Add one fragment; returns every fragment of the delta after its last, else None."""
+        n_fragments = message.n_fragments or 1
+        first = self._parts[0] if self._parts else None
+        same = first is not None and (first.epoch, first.seq) == (message.epoch, message.seq)
+        expected_index = len(self._parts) if same else 0
+        if message.fragment_index != expected_index or message.fragment_index >= n_fragments:
+            raise ProtocolError(
+                f"fragment {message.fragment_index}/{n_fragments} of delta {(message.epoch, message.seq)} "
+                f"arrived, expected fragment {expected_index}"
+            )
+        if expected_index == 0 and first is not None:
+            raise ProtocolError(f"delta {(first.epoch, first.seq)} ended after {len(self._parts)} fragments")
+        self._parts.append(message)
+        if message.fragment_index + 1 < n_fragments:
+            return None
+        parts = self._parts
+        self._parts = []
+        return parts
+
+
+def join_fragments(fragments: Sequence[pb.Delta]) -> Delta:
+    """The whole delta of a complete, ordered list of wire fragments."""
+    assembler = FragmentAssembler()
+    for message in fragments:
+        delta = assembler.add(message)
+        if delta is not None:
+            return delta
+    raise ProtocolError(f"{len(fragments)} fragments do not make a whole delta")
 
 
 def scan_result(response: pb.ScanResponse) -> ScanResult:

@@ -498,6 +498,74 @@ def capabilities(ctx: typer.Context, address: AddressOption = None, as_json: Jso
     _console.print(table)
 
 
+@app.command()
+def export(
+    ctx: typer.Context,
+    *,
+    session_ids: Annotated[
+        list[str] | None, typer.Argument(help="Sessions to export (or --all).", show_default=False)
+    ] = None,
+    nats_url: Annotated[str, typer.Option("--nats", help="NATS server URL, e.g. nats://127.0.0.1:4222.")],
+    follow_all: Annotated[
+        bool, typer.Option("--all", help="Every session, and each new one as it is created.")
+    ] = False,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Host token of the subjects [default: this machine's name].")
+    ] = None,
+    poll_s: Annotated[float, typer.Option("--poll-s", min=0.05, help="How often --all lists sessions.")] = 1.0,
+    connect_attempts: Annotated[
+        int, typer.Option("--connect-attempts", min=1, help="Tries to reach NATS at start.")
+    ] = 8,
+    give_up_after_s: Annotated[
+        float, typer.Option("--give-up-after-s", min=0, help="Stop when publishing keeps failing this long.")
+    ] = 300.0,
+    max_age_s: Annotated[float, typer.Option("--max-age-s", min=0, help="Stream max_age when creating it.")] = 7
+    * 86400.0,
+    max_bytes: Annotated[
+        int, typer.Option("--max-bytes", parser=parse_number, help="Stream max_bytes when creating it.")
+    ] = 1 << 30,
+    address: AddressOption = None,
+) -> None:
+    """Publish sessions' deltas to NATS JetStream (stream WRITEWATCH) until they end; see docs/fleet.md.
+
+    Exit status: 1 bad input or a daemon error, 3 NATS or JetStream unreachable, 4 the stream
+    exists with incompatible settings.
+    """
+    import asyncio
+    import logging
+
+    from ._async_client import AsyncClient
+    from .export import Exporter, ExportError, StreamLimits, default_host, run_until_signalled
+
+    if bool(session_ids) == follow_all:
+        raise typer.BadParameter("name sessions to export, or give --all (not both)")
+    logging.basicConfig(level=logging.INFO, format="writewatch export: %(message)s")
+    root_address: str | None = ctx.obj
+
+    async def run() -> None:
+        exporter = Exporter(
+            AsyncClient(address or root_address),
+            nats_url,
+            session_ids=session_ids or (),
+            follow_all=follow_all,
+            host=host or default_host(),
+            limits=StreamLimits(max_age_s=max_age_s, max_bytes=max_bytes),
+            poll_interval_s=poll_s,
+            connect_attempts=connect_attempts,
+            give_up_after_s=give_up_after_s,
+        )
+        await run_until_signalled(exporter)
+
+    try:
+        asyncio.run(run())
+    except ExportError as error:
+        _errors_console.print(f"writewatch export: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(error.exit_code) from None
+    except (WriteWatchError, ValueError) as error:
+        _errors_console.print(f"writewatch export: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

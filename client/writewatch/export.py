@@ -1,0 +1,622 @@
+"""Export deltas to NATS JetStream (``writewatch export``): durable, replayable, many hosts in one stream.
+
+The exporter is a subscriber like any other. Every delta of the chosen sessions is published
+as serialized ``writewatch.v1.Delta`` fragments to stream ``WRITEWATCH``, subject
+``writewatch.<host>.<session_id>``, with header ``Nats-Msg-Id: <session_id>.<epoch>.<seq>.<index>``
+so that JetStream's de-duplication drops a fragment published twice (a publish retried after
+a lost acknowledgement). Lifecycle events (JSON) go to ``writewatch.<host>.events``.
+
+Where to resume is read back from JetStream itself: the last message stored on the session's
+subject (exact, even after a crash between a publish and the cursor update), else the cursor
+kept in the KV bucket ``WRITEWATCH_CURSORS`` (which outlives the stream's age limit). A delta
+whose fragments were only partly stored when the exporter died is completed with the same
+fragments when the daemon delivers it again; otherwise it stays incomplete and readers drop it
+(its pages come again in the deltas that follow). docs/fleet.md has the details.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ._async_client import AsyncClient, AsyncSession
+from ._exceptions import NotFound, RpcError, WriteWatchError
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
+from ._types import Delta, EndReason
+from ._wire import FragmentAssembler, decode_delta
+from .regions import decode_regions, encode_regions, split_regions
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as NatsClient
+    from nats.js import JetStreamContext
+    from nats.js.api import StreamConfig
+    from nats.js.kv import KeyValue
+
+__all__ = [
+    "CURSOR_BUCKET",
+    "EVENTS_TOKEN",
+    "STREAM_NAME",
+    "ExportAssembler",
+    "ExportError",
+    "Exporter",
+    "IncompatibleStream",
+    "NatsUnavailable",
+    "StreamLimits",
+    "check_stream_config",
+    "default_host",
+    "fit_fragments",
+    "msg_id",
+    "run_until_signalled",
+    "session_subject",
+]
+
+STREAM_NAME = "WRITEWATCH"
+CURSOR_BUCKET = "WRITEWATCH_CURSORS"
+EVENTS_TOKEN = "events"
+SUBJECT_PREFIX = "writewatch"
+NATS_EXTRA_HINT = "the exporter needs nats-py: pip install 'writewatch[nats]'"
+# Room left in each message for the headers and the Delta's own fields besides its regions.
+_MESSAGE_OVERHEAD_BYTES = 512
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+log = logging.getLogger("writewatch.export")
+
+
+class ExportError(WriteWatchError):
+    """The exporter cannot go on; ``exit_code`` is the CLI's exit status."""
+
+    exit_code = 1
+
+
+class NatsUnavailable(ExportError):
+    """NATS (or its JetStream) could not be reached within the retry limit."""
+
+    exit_code = 3
+
+
+class IncompatibleStream(ExportError):
+    """Stream ``WRITEWATCH`` exists with settings the exporter cannot work with."""
+
+    exit_code = 4
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """Limits of the stream when the exporter creates it (an existing stream keeps its own)."""
+
+    max_age_s: float = 7 * 86400.0
+    max_bytes: int = 1 << 30
+    duplicate_window_s: float = 120.0
+    """How long JetStream remembers a Nats-Msg-Id: a retried publish within it is dropped."""
+
+
+def default_host() -> str:
+    """This machine's name as one subject token (characters other than ``[A-Za-z0-9_-]`` become ``_``)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "localhost"
+
+
+def _check_token(value: str, what: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ExportError(f"{what} {value!r} cannot be a NATS subject token (use letters, digits, '_' and '-')")
+    return value
+
+
+def session_subject(host: str, session_id: str) -> str:
+    """Subject of a session's deltas."""
+    return f"{SUBJECT_PREFIX}.{host}.{session_id}"
+
+
+def events_subject(host: str) -> str:
+    """Subject of a host's lifecycle events."""
+    return f"{SUBJECT_PREFIX}.{host}.{EVENTS_TOKEN}"
+
+
+def msg_id(session_id: str, epoch: int, seq: int, fragment_index: int) -> str:
+    """The Nats-Msg-Id of one fragment."""
+    return f"{session_id}.{epoch}.{seq}.{fragment_index}"
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """NATS wildcard matching: ``*`` one token, ``>`` one or more trailing tokens."""
+    pattern_tokens, tokens = pattern.split("."), subject.split(".")
+    for index, token in enumerate(pattern_tokens):
+        if token == ">":
+            return len(tokens) > index
+        if index >= len(tokens) or (token not in ("*", tokens[index])):
+            return False
+    return len(tokens) == len(pattern_tokens)
+
+
+def check_stream_config(config: StreamConfig, host: str, min_message_bytes: int) -> list[str]:
+    """Why an existing stream cannot carry this host's export (empty: it can)."""
+    from nats.js.api import RetentionPolicy
+
+    problems: list[str] = []
+    subjects = list(config.subjects or ())
+    for subject in (session_subject(host, "s-0"), events_subject(host)):
+        if not any(_subject_matches(pattern, subject) for pattern in subjects):
+            problems.append(f"its subjects {subjects} do not cover {subject}")
+    # nats-py leaves the policy a plain string when the server's answer has one it does not model.
+    retention = str(getattr(config.retention, "value", config.retention or RetentionPolicy.LIMITS.value))
+    if retention != RetentionPolicy.LIMITS.value:
+        problems.append(f"retention {retention} deletes messages before every reader has them")
+    if not config.duplicate_window:
+        problems.append("duplicate_window is 0: retried publishes would be stored twice")
+    if config.no_ack:
+        problems.append("no_ack is set: publishes could not be confirmed")
+    if config.sealed:
+        problems.append("it is sealed")
+    if config.max_msg_size is not None and 0 < config.max_msg_size < min_message_bytes:
+        problems.append(f"max_msg_size {config.max_msg_size} is below {min_message_bytes} bytes")
+    if config.max_msgs_per_subject not in (None, -1, 0):
+        problems.append(f"max_msgs_per_subject {config.max_msgs_per_subject} drops a session's history")
+    return problems
+
+
+def fit_fragments(fragments: Sequence[pb.Delta], max_message_bytes: int) -> list[pb.Delta]:
+    """The fragments of one delta, each small enough for a message of ``max_message_bytes``.
+
+    The daemon's own fragments when they fit; else the delta's regions split afresh. Both are
+    deterministic, so the same delta always gives the same fragments (a restarted exporter
+    completes a half-published delta with exactly the missing ones).
+    """
+    budget_bytes = max_message_bytes - _MESSAGE_OVERHEAD_BYTES
+    if budget_bytes < 64:
+        raise ExportError(f"messages of {max_message_bytes} bytes are too small to carry a delta")
+    if all(fragment.ByteSize() <= budget_bytes for fragment in fragments):
+        return list(fragments)
+    parts = [decode_regions(fragment.regions) for fragment in fragments]
+    regions = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    last = fragments[-1]
+    page_size_bytes = last.regions.page_size_bytes or 4096
+    chunks = split_regions(regions, budget_bytes, page_size_bytes=page_size_bytes)
+    messages: list[pb.Delta] = []
+    for index, chunk in enumerate(chunks):
+        message = pb.Delta()
+        message.CopyFrom(last)
+        message.resync = any(fragment.resync for fragment in fragments)
+        message.regions.CopyFrom(encode_regions(chunk, page_size_bytes=page_size_bytes))
+        message.fragment_index = index
+        message.n_fragments = len(chunks)
+        messages.append(message)
+    return messages
+
+
+@dataclass
+class _SessionState:
+    """What JetStream holds of one session: the last whole delta, a half-stored one, lifecycle."""
+
+    cursor: tuple[int, int] | None = None
+    partial: pb.Delta | None = None
+    """The last stored fragment of a delta whose later fragments were never stored."""
+    announced: bool = False
+    ended: bool = False
+
+    def to_json(self) -> bytes:
+        epoch, seq = self.cursor or (0, 0)
+        return json.dumps({"epoch": epoch, "seq": seq, "ended": self.ended}).encode()
+
+
+@dataclass
+class ExportStatistics:
+    """Counters of one exporter run."""
+
+    n_deltas: int = 0
+    n_messages: int = 0
+    n_regions: int = 0
+    n_duplicates: int = 0
+    """Publishes JetStream recognised as duplicates (a retry after a lost acknowledgement)."""
+    n_publish_retries: int = 0
+
+
+@dataclass
+class Exporter:
+    """Publishes the deltas of some or all sessions of one daemon to JetStream; see the module doc."""
+
+    client: AsyncClient
+    nats_url: str
+    session_ids: Sequence[str] = ()
+    follow_all: bool = False
+    host: str = field(default_factory=default_host)
+    limits: StreamLimits = field(default_factory=StreamLimits)
+    poll_interval_s: float = 1.0
+    connect_attempts: int = 8
+    initial_backoff_s: float = 0.25
+    max_backoff_s: float = 5.0
+    give_up_after_s: float = 300.0
+    """How long publishing may keep failing (NATS down) before the exporter stops with NatsUnavailable."""
+    publish_timeout_s: float = 5.0
+    statistics: ExportStatistics = field(default_factory=ExportStatistics)
+    _nc: NatsClient | None = field(default=None, init=False, repr=False)
+    _js: JetStreamContext | None = field(default=None, init=False, repr=False)
+    _kv: KeyValue | None = field(default=None, init=False, repr=False)
+    _max_message_bytes: int = field(default=0, init=False, repr=False)
+    _tasks: dict[str, asyncio.Task[None]] = field(default_factory=dict, init=False, repr=False)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_token(self.host, "host")
+        for session_id in self.session_ids:
+            _check_token(session_id, "session id")
+        if not self.follow_all and not self.session_ids:
+            raise ExportError("name sessions to export, or follow them all")
+
+    async def wait_ready(self) -> None:
+        """Until the stream is checked and the first sessions are being exported."""
+        await self._ready.wait()
+
+    async def run(self) -> None:
+        """Export until every named session has ended (with ``follow_all``: until cancelled)."""
+        await self._connect()
+        try:
+            await self._prepare_stream()
+            if self.follow_all:
+                await self._follow_all()
+            else:
+                for session_id in self.session_ids:
+                    session = await self.client.session(session_id)
+                    self._start(session)
+                self._ready.set()
+                await asyncio.gather(*self._tasks.values())
+        finally:
+            for task in self._tasks.values():
+                task.cancel()
+            await asyncio.gather(*self._tasks.values(), return_exceptions=True)
+            await self._close()
+
+    async def _connect(self) -> None:
+        try:
+            import nats
+            import nats.errors
+        except ImportError:
+            raise ExportError(NATS_EXTRA_HINT) from None
+
+        causes: list[Exception] = []
+
+        async def on_error(error: Exception) -> None:
+            causes.append(error)
+            log.debug("NATS: %r", error)
+
+        last_error: BaseException | None = None
+        for attempt in range(1, self.connect_attempts + 1):
+            try:
+                # nats-py's own retries of a first connection would hide the failure (or, with
+                # reconnecting unlimited, never end): bound them here, unlimit them once connected.
+                nc = await nats.connect(
+                    self.nats_url,
+                    name=f"writewatch-export-{self.host}",
+                    connect_timeout=2,
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.05,
+                    error_cb=on_error,
+                )
+            except (OSError, TimeoutError, nats.errors.Error) as error:
+                # NoServersError says nothing of why: the error callback saw the real cause.
+                last_error = causes[-1] if causes else error
+                if attempt == self.connect_attempts:
+                    break
+                backoff_s = self._backoff_s(attempt)
+                log.warning(
+                    "cannot reach NATS at %s (attempt %d of %d): %s; retrying in %.2f s",
+                    self.nats_url,
+                    attempt,
+                    self.connect_attempts,
+                    last_error or type(last_error).__name__,
+                    backoff_s,
+                )
+                await asyncio.sleep(backoff_s)
+                continue
+            nc.options["max_reconnect_attempts"] = -1
+            nc.options["reconnect_time_wait"] = 0.25
+            self._nc = nc
+            self._js = nc.jetstream(timeout=self.publish_timeout_s)
+            self._max_message_bytes = nc.max_payload
+            return
+        raise NatsUnavailable(
+            f"cannot reach NATS at {self.nats_url} after {self.connect_attempts} attempts: "
+            f"{last_error or type(last_error).__name__}"
+        )
+
+    async def _close(self) -> None:
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+        self._nc = None
+
+    def _backoff_s(self, attempt: int) -> float:
+        return float(min(self.max_backoff_s, self.initial_backoff_s * 2 ** (attempt - 1)))
+
+    @property
+    def js(self) -> JetStreamContext:
+        """The JetStream context (after connecting)."""
+        assert self._js is not None, "not connected"
+        return self._js
+
+    async def _prepare_stream(self) -> None:
+        from nats.errors import NoRespondersError
+        from nats.errors import TimeoutError as NatsTimeoutError
+        from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+        from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+
+        try:
+            info = await self.js.stream_info(STREAM_NAME)
+        except NotFoundError:
+            config = StreamConfig(
+                name=STREAM_NAME,
+                description="writewatch deltas and session events (writewatch export)",
+                subjects=[f"{SUBJECT_PREFIX}.>"],
+                retention=RetentionPolicy.LIMITS,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.OLD,
+                max_age=self.limits.max_age_s,
+                max_bytes=self.limits.max_bytes,
+                duplicate_window=self.limits.duplicate_window_s,
+            )
+            try:
+                info = await self.js.add_stream(config)
+            except APIError as error:
+                raise ExportError(
+                    f"cannot create stream {STREAM_NAME} ({self.limits}): {error.description}"
+                    " (lower the limits, or create the stream yourself)"
+                ) from None
+            log.info(
+                "created stream %s: max_age %.0f s, max_bytes %d, duplicate_window %.0f s",
+                STREAM_NAME,
+                self.limits.max_age_s,
+                self.limits.max_bytes,
+                self.limits.duplicate_window_s,
+            )
+        except (NoRespondersError, ServiceUnavailableError, NatsTimeoutError):
+            raise NatsUnavailable(f"NATS at {self.nats_url} has no JetStream (start nats-server with -js)") from None
+        problems = check_stream_config(info.config, self.host, _MESSAGE_OVERHEAD_BYTES + 4096)
+        if problems:
+            raise IncompatibleStream(f"stream {STREAM_NAME} exists but cannot be used: " + "; ".join(problems))
+        if info.config.max_msg_size and info.config.max_msg_size > 0:
+            self._max_message_bytes = min(self._max_message_bytes, info.config.max_msg_size)
+        try:
+            self._kv = await self.js.key_value(CURSOR_BUCKET)
+        except NotFoundError:
+            self._kv = await self.js.create_key_value(
+                bucket=CURSOR_BUCKET, description="writewatch export cursors", history=1
+            )
+
+    async def _follow_all(self) -> None:
+        while True:
+            try:
+                sessions = await self.client.sessions()
+            except RpcError as error:
+                log.warning("cannot list sessions: %s", error)
+            else:
+                for session in sessions:
+                    if session.id not in self._tasks and session.snapshot.state != pb.SESSION_STATE_ENDED:
+                        self._start(session)
+                if not self._ready.is_set():
+                    log.info("following every session of %s", self.client.address)
+                    self._ready.set()
+            for session_id, task in list(self._tasks.items()):
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise task.exception() or ExportError(f"exporting {session_id} failed")
+            await asyncio.sleep(self.poll_interval_s)
+
+    def _start(self, session: AsyncSession) -> None:
+        self._tasks[session.id] = asyncio.create_task(self._export_session(session), name=f"export {session.id}")
+
+    async def _load_state(self, session_id: str) -> _SessionState:
+        from nats.js.errors import KeyNotFoundError, NotFoundError
+
+        state = _SessionState()
+        assert self._kv is not None
+        try:
+            entry = await self._kv.get(f"{self.host}.{session_id}")
+        except KeyNotFoundError:
+            pass
+        else:
+            stored = json.loads(entry.value or b"{}")
+            state.announced = True
+            state.ended = bool(stored.get("ended"))
+            if stored.get("epoch"):
+                state.cursor = (int(stored["epoch"]), int(stored["seq"]))
+        try:
+            last = await self.js.get_last_msg(STREAM_NAME, session_subject(self.host, session_id))
+        except NotFoundError:
+            return state
+        message = pb.Delta.FromString(last.data or b"")
+        state.announced = True
+        if message.fragment_index + 1 < (message.n_fragments or 1):
+            state.partial = message
+            return state
+        stored_cursor = (message.epoch, message.seq)
+        if state.cursor is None or stored_cursor > state.cursor:
+            state.cursor = stored_cursor
+        return state
+
+    async def _save_state(self, session_id: str, state: _SessionState) -> None:
+        assert self._kv is not None
+        await self._retrying(lambda: self._kv_put(f"{self.host}.{session_id}", state.to_json()))
+
+    async def _kv_put(self, key: str, value: bytes) -> None:
+        assert self._kv is not None
+        await self._kv.put(key, value)
+
+    async def _export_session(self, session: AsyncSession) -> None:
+        state = await self._load_state(session.id)
+        if state.ended:
+            return
+        if not state.announced:
+            await self._event(session.id, "created", session.snapshot)
+            await self._save_state(session.id, state)
+        subject = session_subject(self.host, session.id)
+        log.info("exporting %s to %s from %s", session.id, subject, state.cursor or "the epoch's start")
+        last_saved = time.monotonic()
+        try:
+            async for fragments in session.subscribe_wire(state.cursor):
+                await self._publish_delta(subject, session.id, fragments, state)
+                last = fragments[-1]
+                state.cursor = (last.epoch, last.seq)
+                # The stream's last message is the exact cursor; the KV copy only has to survive
+                # the stream's age limit, so it is written at most twice a second.
+                if time.monotonic() - last_saved > 0.5:
+                    await self._save_state(session.id, state)
+                    last_saved = time.monotonic()
+        except NotFound:
+            session.end_reason = EndReason.DELETED
+            session.end_message = "the session no longer exists"
+        state.ended = True
+        await self._save_state(session.id, state)
+        await self._event(
+            session.id,
+            "ended",
+            None,
+            reason=EndReason(session.end_reason or EndReason.UNSPECIFIED).name,
+            message=session.end_message,
+            cursor=list(state.cursor or (0, 0)),
+        )
+        log.info("session %s ended (%s)", session.id, session.end_reason)
+
+    async def _publish_delta(
+        self, subject: str, session_id: str, fragments: list[pb.Delta], state: _SessionState
+    ) -> None:
+        messages = fit_fragments(fragments, self._max_message_bytes)
+        payloads = [message.SerializeToString() for message in messages]
+        last = messages[-1]
+        partial, state.partial = state.partial, None
+        skip_through = -1
+        suffix = ""
+        if partial is not None and (partial.epoch, partial.seq) == (last.epoch, last.seq):
+            same = partial.fragment_index < len(payloads) and (
+                payloads[partial.fragment_index] == partial.SerializeToString() and partial.n_fragments == len(payloads)
+            )
+            if same:
+                skip_through = partial.fragment_index
+            else:
+                # A different delta under the same number (a resync replacing the half-stored one):
+                # new ids, or de-duplication would drop its first fragments.
+                suffix = f".r{last.harvested_at_unix_ns}"
+        for index, payload in enumerate(payloads):
+            if index <= skip_through:
+                continue
+            headers = {"Nats-Msg-Id": msg_id(session_id, last.epoch, last.seq, index) + suffix}
+            await self._publish(subject, payload, headers)
+        self.statistics.n_deltas += 1
+        self.statistics.n_regions += sum(len(m.regions.pairs) // 8 + len(m.regions.wide_pairs) // 16 for m in messages)
+
+    async def _publish(self, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+        async def once() -> None:
+            ack = await self.js.publish(
+                subject, payload, timeout=self.publish_timeout_s, stream=STREAM_NAME, headers=headers
+            )
+            self.statistics.n_messages += 1
+            self.statistics.n_duplicates += bool(ack.duplicate)
+
+        await self._retrying(once)
+
+    async def _retrying(self, operation: Any) -> None:
+        """Run ``operation`` until it succeeds; NATS being down (or restarting) only delays it."""
+        from nats.errors import Error as NatsError
+
+        first_failure: float | None = None
+        attempt = 0
+        while True:
+            try:
+                await operation()
+                return
+            except (NatsError, TimeoutError) as error:
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.give_up_after_s:
+                    raise NatsUnavailable(
+                        f"NATS at {self.nats_url} failed for {self.give_up_after_s:.0f} s: {error!r}"
+                    ) from None
+                attempt += 1
+                self.statistics.n_publish_retries += 1
+                if attempt == 1 or attempt % 20 == 0:
+                    log.warning("publishing to NATS failed (%r); retrying", error)
+                await asyncio.sleep(self._backoff_s(attempt))
+
+    async def _event(self, session_id: str, kind: str, snapshot: pb.Session | None, **extra: Any) -> None:
+        event: dict[str, Any] = {"event": kind, "host": self.host, "session_id": session_id, "unix_ns": time.time_ns()}
+        if snapshot is not None:
+            event.update(
+                pid=snapshot.pid,
+                comm=snapshot.comm,
+                attach_mode=pb.AttachMode.Name(snapshot.attach_mode),
+                labels=dict(snapshot.labels),
+                epoch=snapshot.epoch,
+            )
+        event.update(extra)
+        await self._publish(
+            events_subject(self.host),
+            json.dumps(event).encode(),
+            {"Nats-Msg-Id": f"{session_id}.{kind}"},
+        )
+
+
+class ExportAssembler:
+    """Reader side: exported messages in stream order → whole deltas, each ``(session, epoch, seq)`` once.
+
+    Fragments are joined per subject; a delta left incomplete by an exporter crash is dropped
+    when the next delta starts (the following deltas carry its pages again), and a delta at or
+    before the last one delivered for its session (a republish after the de-duplication window)
+    is skipped.
+    """
+
+    def __init__(self) -> None:
+        self._assemblers: dict[str, FragmentAssembler] = {}
+        self._delivered: dict[str, tuple[int, int]] = {}
+        self.n_dropped_incomplete = 0
+        self.n_skipped_duplicates = 0
+
+    def add(self, subject: str, payload: bytes) -> tuple[str, Delta] | None:
+        """One stream message; returns ``(host, delta)`` when it completes a new delta."""
+        tokens = subject.split(".")
+        if len(tokens) != 3 or tokens[0] != SUBJECT_PREFIX or tokens[2] == EVENTS_TOKEN:
+            return None
+        host = tokens[1]
+        fragment = decode_delta(payload)
+        assembler = self._assemblers.setdefault(subject, FragmentAssembler())
+        pending = assembler.pending
+        if pending is not None:
+            same_delta = (pending.epoch, pending.seq) == (fragment.epoch, fragment.seq)
+            if same_delta and fragment.fragment_index < assembler.n_received:
+                return None  # a fragment stored twice
+            if not same_delta or fragment.fragment_index != assembler.n_received:
+                assembler.reset()
+                self.n_dropped_incomplete += 1
+        if fragment.fragment_index != 0 and assembler.pending is None:
+            return None  # the rest of a delta whose start was dropped
+        delta = assembler.add(fragment)
+        if delta is None:
+            return None
+        delivered = self._delivered.get(subject)
+        if delivered is not None and (delta.epoch, delta.seq) <= delivered:
+            self.n_skipped_duplicates += 1
+            return None
+        self._delivered[subject] = (delta.epoch, delta.seq)
+        return host, delta
+
+
+async def run_until_signalled(exporter: Exporter) -> None:
+    """Run the exporter; SIGTERM or SIGINT stop it cleanly (a kill only costs a resumption)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(exporter.run())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        log.info("stopped: %s", exporter.statistics)
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await exporter.client.close()
