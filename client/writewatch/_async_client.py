@@ -129,12 +129,14 @@ class AsyncClient:
         snapshot = await self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id))
         return AsyncSession(self, snapshot)
 
-    async def sessions(self) -> list[AsyncSession]:
-        """Every session of the daemon, oldest first."""
+    async def sessions(self, *, include_ended: bool = False) -> list[AsyncSession]:
+        """The daemon's active sessions, oldest first; with ``include_ended`` also the ended ones it keeps."""
         sessions: list[AsyncSession] = []
         page_token = ""
         while True:
-            response = await self._call(self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token))
+            response = await self._call(
+                self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token, include_ended=include_ended)
+            )
             sessions.extend(AsyncSession(self, snapshot) for snapshot in response.sessions)
             page_token = response.next_page_token
             if not page_token:
@@ -198,9 +200,19 @@ class AsyncSession:
         return self.snapshot
 
     async def harvest(self) -> Delta | None:
-        """Harvest now; the resulting delta, or None when nothing was written."""
+        """Harvest now and publish; the delta this call published, or None when it found nothing new.
+
+        Not a barrier: None does not mean "nothing was written", since a tick harvest may
+        have published the writes a moment earlier (use :meth:`flush` to wait for writes).
+        """
         response = await self.client._call(self.client._stub.Harvest, pb.HarvestRequest(session_id=self.id))
         return delta_from_pb(response.delta) if response.HasField("delta") else None
+
+    async def flush(self) -> tuple[int, int]:
+        """A barrier: ``(epoch, seq)`` such that every write completed before the call is in a
+        published delta of ``epoch`` with a seq <= ``seq``, also when nothing new was written."""
+        response = await self.client._call(self.client._stub.Flush, pb.FlushRequest(session_id=self.id))
+        return response.epoch, response.seq
 
     async def scan(
         self,
@@ -234,9 +246,20 @@ class AsyncSession:
         request = pb.GetDirtyRateRequest(session_id=self.id)
         return await self.client._call(self.client._stub.GetDirtyRate, request)
 
-    def view(self, name: str) -> AsyncView:
-        """The write-watch view called ``name`` (created by the daemon on first use)."""
+    async def view(self, name: str) -> AsyncView:
+        """The write-watch view called ``name``, created on the daemon if it does not exist.
+
+        A new view is empty and sees every write made after this call returns, whatever the
+        tick harvests do; an existing view is returned unchanged.
+        """
+        request = pb.CreateViewRequest(session_id=self.id, view_id=name)
+        await self.client._call(self.client._stub.CreateView, request)
         return AsyncView(self, name)
+
+    async def views(self) -> list[pb.View]:
+        """The session's views, by name."""
+        request = pb.ListViewsRequest(session_id=self.id)
+        return list((await self.client._call(self.client._stub.ListViews, request)).views)
 
     async def subscribe(
         self,
@@ -342,3 +365,9 @@ class AsyncView:
         )
         client = self.session.client
         await client._call(client._stub.ResetWriteWatch, request)
+
+    async def delete(self) -> None:
+        """Delete the view on the daemon (NotFound when it is already gone)."""
+        request = pb.DeleteViewRequest(session_id=self.session.id, view_id=self.name)
+        client = self.session.client
+        await client._call(client._stub.DeleteView, request)

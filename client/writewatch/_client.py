@@ -140,12 +140,14 @@ class Client:
         """The session with this id (NotFound if there is none)."""
         return Session(self, self._call(self._stub.GetSession, pb.GetSessionRequest(session_id=session_id)))
 
-    def sessions(self) -> list[Session]:
-        """Every session of the daemon, oldest first."""
+    def sessions(self, *, include_ended: bool = False) -> list[Session]:
+        """The daemon's active sessions, oldest first; with ``include_ended`` also the ended ones it keeps."""
         sessions: list[Session] = []
         page_token = ""
         while True:
-            response = self._call(self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token))
+            response = self._call(
+                self._stub.ListSessions, pb.ListSessionsRequest(page_token=page_token, include_ended=include_ended)
+            )
             sessions.extend(Session(self, snapshot) for snapshot in response.sessions)
             page_token = response.next_page_token
             if not page_token:
@@ -208,9 +210,19 @@ class Session:
         return self.snapshot
 
     def harvest(self) -> Delta | None:
-        """Harvest now; the resulting delta, or None when nothing was written."""
+        """Harvest now and publish; the delta this call published, or None when it found nothing new.
+
+        Not a barrier: None does not mean "nothing was written", since a tick harvest may
+        have published the writes a moment earlier (use :meth:`flush` to wait for writes).
+        """
         response = self.client._call(self.client._stub.Harvest, pb.HarvestRequest(session_id=self.id))
         return delta_from_pb(response.delta) if response.HasField("delta") else None
+
+    def flush(self) -> tuple[int, int]:
+        """A barrier: ``(epoch, seq)`` such that every write completed before the call is in a
+        published delta of ``epoch`` with a seq <= ``seq``, also when nothing new was written."""
+        response = self.client._call(self.client._stub.Flush, pb.FlushRequest(session_id=self.id))
+        return response.epoch, response.seq
 
     def scan(
         self,
@@ -244,8 +256,19 @@ class Session:
         return self.client._call(self.client._stub.GetDirtyRate, pb.GetDirtyRateRequest(session_id=self.id))
 
     def view(self, name: str) -> View:
-        """The write-watch view called ``name`` (created by the daemon on first use)."""
+        """The write-watch view called ``name``, created on the daemon if it does not exist.
+
+        A new view is empty and sees every write made after this call returns, whatever the
+        tick harvests do; an existing view is returned unchanged.
+        """
+        request = pb.CreateViewRequest(session_id=self.id, view_id=name)
+        self.client._call(self.client._stub.CreateView, request)
         return View(self, name)
+
+    def views(self) -> list[pb.View]:
+        """The session's views, by name."""
+        request = pb.ListViewsRequest(session_id=self.id)
+        return list((self.client._call(self.client._stub.ListViews, request)).views)
 
     def subscribe(
         self,
@@ -354,3 +377,9 @@ class View:
         )
         client = self.session.client
         client._call(client._stub.ResetWriteWatch, request)
+
+    def delete(self) -> None:
+        """Delete the view on the daemon (NotFound when it is already gone)."""
+        request = pb.DeleteViewRequest(session_id=self.session.id, view_id=self.name)
+        client = self.session.client
+        client._call(client._stub.DeleteView, request)

@@ -1,4 +1,4 @@
-"""The ``writewatch`` command line: sessions, attach, spawn, watch, scan, write-watch, close, capabilities."""
+"""The ``writewatch`` command line: sessions, attach, spawn, watch, harvest, flush, scan, views, write-watch, close."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
-from ._client import Client, Session
+from ._client import Client, Session, View
 from ._exceptions import WriteWatchError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
@@ -240,10 +240,17 @@ def _print_created(session: Session, as_json: bool) -> None:
 
 
 @app.command()
-def sessions(ctx: typer.Context, address: AddressOption = None, as_json: JsonOption = False) -> None:
-    """List the daemon's sessions."""
+def sessions(
+    ctx: typer.Context,
+    show_all: Annotated[
+        bool, typer.Option("--all", help="Also list ended sessions (kept for the daemon's retention).")
+    ] = False,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the daemon's active sessions (--all: also the ended ones it keeps)."""
     with _errors(), _client(ctx, address) as client:
-        _print_sessions([s.snapshot for s in client.sessions()], as_json)
+        _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
 
 
 @app.command()
@@ -395,6 +402,19 @@ def harvest(
 
 
 @app.command()
+def flush(
+    ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
+    """Barrier: print (epoch, seq) such that every write made before is in a delta up to that seq."""
+    with _errors(), _client(ctx, address) as client:
+        epoch, seq = client.session(session_id).flush()
+    if as_json:
+        _print_json({"epoch": epoch, "seq": seq})
+        return
+    typer.echo(f"epoch {epoch} seq {seq}")
+
+
+@app.command()
 def scan(
     ctx: typer.Context,
     *,
@@ -451,7 +471,9 @@ def write_watch(
     ctx: typer.Context,
     *,
     session_id: SessionArgument,
-    view: Annotated[str, typer.Argument(help="View name (created on first use).", show_default=False)],
+    view: Annotated[
+        str, typer.Argument(help="View name (created if missing; a new view is empty).", show_default=False)
+    ],
     base: Annotated[int, typer.Argument(parser=parse_number, help="Base address.", show_default=False)],
     size: Annotated[int, typer.Argument(parser=parse_number, help="Size in bytes (16M, 0x1000).", show_default=False)],
     reset: Annotated[bool, typer.Option("--reset", help="Clear the returned pages in this view.")] = False,
@@ -469,6 +491,47 @@ def write_watch(
     for page_address in result.addresses:
         typer.echo(f"0x{page_address:x}")
     _errors_console.print(f"{len(result.addresses)} pages, granularity {result.granularity_bytes}")
+
+
+view_app = typer.Typer(help="Create, list and delete a session's write-watch views.", no_args_is_help=True)
+app.add_typer(view_app, name="view")
+ViewArgument = Annotated[str, typer.Argument(help="View name.", show_default=False)]
+
+
+@view_app.command("create")
+def view_create(
+    ctx: typer.Context, session_id: SessionArgument, name: ViewArgument, address: AddressOption = None
+) -> None:
+    """Create a view (empty: it sees the writes made from now on); an existing one is left as it is."""
+    with _errors(), _client(ctx, address) as client:
+        client.session(session_id).view(name)
+    typer.echo(f"view {name} of {session_id}")
+
+
+@view_app.command("list")
+def view_list(
+    ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None, as_json: JsonOption = False
+) -> None:
+    """List a session's views with the written pages each holds."""
+    with _errors(), _client(ctx, address) as client:
+        views = client.session(session_id).views()
+    if as_json:
+        _print_json([message_to_json(v) for v in views])
+        return
+    table = Table("view", "pages")
+    for v in views:
+        table.add_row(v.view_id, str(v.n_pages))
+    _console.print(table)
+
+
+@view_app.command("delete")
+def view_delete(
+    ctx: typer.Context, session_id: SessionArgument, name: ViewArgument, address: AddressOption = None
+) -> None:
+    """Delete a view."""
+    with _errors(), _client(ctx, address) as client:
+        View(client.session(session_id), name).delete()
+    typer.echo(f"deleted view {name} of {session_id}")
 
 
 @app.command()

@@ -13,6 +13,7 @@ from ._exceptions import (
     SessionEnded,
     SessionNotFound,
     UsageError,
+    ViewNotFound,
     WriteWatchError,
 )
 
@@ -31,6 +32,7 @@ __all__ = [
     "SessionEnded",
     "SessionNotFound",
     "UsageError",
+    "ViewNotFound",
     "WriteWatchError",
     "__version__",
 ]

@@ -6,6 +6,7 @@ Every error the package raises on purpose is one of these::
     ├── UsageError (ValueError)         the caller passed arguments that can never work
     │   └── InvalidRange                an address range is unaligned, empty, or outside what is allowed
     ├── SessionNotFound (LookupError)   no session has that id
+    ├── ViewNotFound (LookupError)      the session has no view of that name
     ├── SessionEnded                    the session has ended; it can be read, not changed
     ├── LimitExceeded                   a configured limit (sessions, ranges, subscribers) would be exceeded
     └── KernelError (OSError)           a kernel interface refused; carries ``errno``
@@ -35,6 +36,7 @@ __all__ = [
     "ProcessGone",
     "RangeBusy",
     "UsageError",
+    "ViewNotFound",
     "WriteWatchError",
 ]
 
@@ -53,6 +55,10 @@ class InvalidRange(UsageError):
 
 class SessionNotFound(WriteWatchError, LookupError):
     """No session has that id."""
+
+
+class ViewNotFound(WriteWatchError, LookupError):
+    """The session has no view of that name."""
 
 
 class SessionEnded(WriteWatchError):

@@ -58,6 +58,7 @@ class FakeWriteWatch(pb_grpc.WriteWatchServicer):
     harvest_delta: pb.Delta | None = None
     scan_response: pb.ScanResponse = field(default_factory=pb.ScanResponse)
     write_watch_addresses: list[int] = field(default_factory=list)
+    views: dict[str, int] = field(default_factory=dict)
     requests: dict[str, list[object]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -129,6 +130,29 @@ class FakeWriteWatch(pb_grpc.WriteWatchServicer):
         self._record("Harvest", request, context)
         self._session(request.session_id, context)
         return pb.HarvestResponse(delta=self.harvest_delta)
+
+    def Flush(self, request: pb.FlushRequest, context: grpc.ServicerContext) -> pb.FlushResponse:
+        self._record("Flush", request, context)
+        session = self._session(request.session_id, context)
+        return pb.FlushResponse(epoch=session.epoch, seq=session.last_seq)
+
+    def CreateView(self, request: pb.CreateViewRequest, context: grpc.ServicerContext) -> pb.CreateViewResponse:
+        self._record("CreateView", request, context)
+        self._session(request.session_id, context)
+        created = request.view_id not in self.views
+        self.views.setdefault(request.view_id, 0)
+        return pb.CreateViewResponse(view=pb.View(view_id=request.view_id), created=created)
+
+    def ListViews(self, request: pb.ListViewsRequest, context: grpc.ServicerContext) -> pb.ListViewsResponse:
+        self._record("ListViews", request, context)
+        self._session(request.session_id, context)
+        return pb.ListViewsResponse(views=[pb.View(view_id=v, n_pages=n) for v, n in sorted(self.views.items())])
+
+    def DeleteView(self, request: pb.DeleteViewRequest, context: grpc.ServicerContext) -> pb.DeleteViewResponse:
+        self._record("DeleteView", request, context)
+        if self.views.pop(request.view_id, None) is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no view {request.view_id!r}")
+        return pb.DeleteViewResponse()
 
     def Scan(self, request: pb.ScanRequest, context: grpc.ServicerContext) -> pb.ScanResponse:
         self._record("Scan", request, context)

@@ -89,11 +89,38 @@ def test_write_watch_view(client: writewatch.Client, fake: FakeWriteWatch) -> No
     assert result.addresses == [0x1000, 0x3000]
     assert result.granularity == 4096 == result.granularity_bytes
     view.reset_write_watch(0x1000, 0x2000)
+    (create,) = fake.requests["CreateView"]
+    assert (create.session_id, create.view_id) == (SESSION_ID, "mine")
     (get,) = fake.requests["GetWriteWatch"]
     assert (get.view_id, get.base_address, get.size_bytes, get.max_count) == ("mine", 0x1000, 0x10000, 2)
     assert get.flags == pb.WRITE_WATCH_FLAG_RESET
     (reset,) = fake.requests["ResetWriteWatch"]
     assert (reset.view_id, reset.base_address, reset.size_bytes) == ("mine", 0x1000, 0x2000)
+
+
+def test_views_are_listed_and_deleted(client: writewatch.Client, fake: FakeWriteWatch) -> None:
+    session = client.session(SESSION_ID)
+    first = session.view("a")
+    session.view("b")
+    session.view("a")  # idempotent
+    assert [(v.view_id, v.n_pages) for v in session.views()] == [("a", 0), ("b", 0)]
+    first.delete()
+    assert [v.view_id for v in session.views()] == ["b"]
+    with pytest.raises(writewatch.NotFound):
+        first.delete()
+
+
+def test_flush_returns_epoch_and_seq(client: writewatch.Client, fake: FakeWriteWatch) -> None:
+    fake.sessions[SESSION_ID].last_seq = 41
+    assert client.session(SESSION_ID).flush() == (EPOCH, 41)
+    (request,) = fake.requests["Flush"]
+    assert request.session_id == SESSION_ID
+
+
+def test_sessions_asks_for_ended_ones_only_when_told(client: writewatch.Client, fake: FakeWriteWatch) -> None:
+    client.sessions()
+    client.sessions(include_ended=True)
+    assert [r.include_ended for r in fake.requests["ListSessions"]] == [False, True]
 
 
 def test_write_watch_default_count_covers_the_range(client: writewatch.Client, fake: FakeWriteWatch) -> None:
@@ -195,8 +222,13 @@ async def test_async_client(address: str, fake: FakeWriteWatch) -> None:
         assert session.id == "s-2"
         assert [s.id for s in await client.sessions()] == [SESSION_ID, "s-2"]
         fake.write_watch_addresses = [0x5000]
-        result = await session.view("v").get_write_watch(0x5000, 0x1000)
+        view = await session.view("v")
+        result = await view.get_write_watch(0x5000, 0x1000)
         assert result.addresses == [0x5000]
+        assert [v.view_id for v in await session.views()] == ["v"]
+        await view.delete()
+        assert await session.views() == []
+        assert await session.flush() == (EPOCH, 0)
         assert (await client.capabilities()).kernel_version == "6.18.0"
         with pytest.raises(writewatch.NotFound):
             await client.session("missing")

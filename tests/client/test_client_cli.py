@@ -36,6 +36,27 @@ def test_sessions_json(address: str, fake: FakeWriteWatch) -> None:
     assert session["statistics"]["n_harvests"] == 0
 
 
+def test_sessions_all_asks_for_ended_ones(address: str, fake: FakeWriteWatch) -> None:
+    run_json(address, "sessions")
+    run_json(address, "sessions", "--all")
+    assert [r.include_ended for r in fake.requests["ListSessions"]] == [False, True]
+
+
+def test_flush_prints_epoch_and_seq(address: str, fake: FakeWriteWatch) -> None:
+    fake.sessions[SESSION_ID].last_seq = 8
+    assert run_json(address, "flush", SESSION_ID) == {"epoch": EPOCH, "seq": 8}
+
+
+def test_view_create_list_delete(address: str, fake: FakeWriteWatch) -> None:
+    for args in (["view", "create", SESSION_ID, "v1"], ["view", "delete", SESSION_ID, "v1"]):
+        result = runner.invoke(cli.app, ["-a", address, *args])
+        assert result.exit_code == 0, result.output
+    fake.views["v2"] = 3
+    assert run_json(address, "view", "list", SESSION_ID) == [{"view_id": "v2", "n_pages": 3}]
+    result = runner.invoke(cli.app, ["-a", address, "view", "delete", SESSION_ID, "v1"])
+    assert result.exit_code == 1 and "no view" in result.output
+
+
 def test_sessions_table_and_env_address(address: str) -> None:
     result = runner.invoke(cli.app, ["sessions"], env={"WRITEWATCH_ADDRESS": address})
     assert result.exit_code == 0, result.output

@@ -123,6 +123,7 @@ def test_bad_requests_on_a_session_change_nothing(
     session = client.attach(
         target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
     )
+    session.view("v")
     before = session.info()
     sid = session.id
     outside = target.end + 16 * PAGE

@@ -32,10 +32,12 @@ from .._exceptions import (
     SessionEnded,
     SessionNotFound,
     UsageError,
+    ViewNotFound,
     WriteWatchError,
 )
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import probe
+from ..tracking.views import View
 from .hub import SessionEnd, Subscriber
 from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (SessionNotFound, grpc.StatusCode.NOT_FOUND),
+    (ViewNotFound, grpc.StatusCode.NOT_FOUND),
     (ProcessGone, grpc.StatusCode.NOT_FOUND),
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
@@ -148,13 +151,16 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     @_rpc
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        sessions = self._manager.sessions()
+        sessions = [s for s in self._manager.sessions() if request.include_ended or s.active]
         start = 0
         if request.page_token:
-            ids = [s.session_id for s in sessions]
-            if request.page_token not in ids:
-                raise UsageError("page_token is not valid")
-            start = ids.index(request.page_token)
+            # The token names the first session of the page; it may have ended (or been
+            # pruned) since, so the page starts at its creation time.
+            try:
+                first_ns = self._manager.get(request.page_token).record.created_at_unix_ns
+            except SessionNotFound:
+                raise UsageError("page_token is not valid (the session it names is gone)") from None
+            start = next((i for i, s in enumerate(sessions) if s.record.created_at_unix_ns >= first_ns), len(sessions))
         page_size = request.page_size or 1000
         page = sessions[start : start + page_size]
         following = sessions[start + page_size : start + page_size + 1]
@@ -234,12 +240,31 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
     @_rpc
     async def Harvest(self, request: pb.HarvestRequest, context: Any) -> pb.HarvestResponse:
         session = self._session(request.session_id)
-        delta = await session.harvest_now()
-        if delta is None:
-            if not session.active:
-                raise SessionEnded(f"session {session.session_id} has ended: {session.record.end_message}")
-            return pb.HarvestResponse()
-        return pb.HarvestResponse(delta=delta_message(session.session_id, delta))
+        harvested = await session.harvest_now()
+        response = pb.HarvestResponse(epoch=harvested.epoch, seq=harvested.seq)
+        if harvested.delta is not None:
+            response.delta.CopyFrom(delta_message(session.session_id, harvested.delta))
+        return response
+
+    @_rpc
+    async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
+        epoch, seq = await self._session(request.session_id).flush()
+        return pb.FlushResponse(epoch=epoch, seq=seq)
+
+    @_rpc
+    async def CreateView(self, request: pb.CreateViewRequest, context: Any) -> pb.CreateViewResponse:
+        view, created = await self._session(request.session_id).create_view(request.view_id)
+        return pb.CreateViewResponse(view=_view_message(view), created=created)
+
+    @_rpc
+    async def ListViews(self, request: pb.ListViewsRequest, context: Any) -> pb.ListViewsResponse:
+        session = self._session(request.session_id)
+        return pb.ListViewsResponse(views=[_view_message(session.views[name]) for name in sorted(session.views)])
+
+    @_rpc
+    async def DeleteView(self, request: pb.DeleteViewRequest, context: Any) -> pb.DeleteViewResponse:
+        await self._session(request.session_id).delete_view(request.view_id)
+        return pb.DeleteViewResponse()
 
     @_rpc
     async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResponse:
@@ -308,6 +333,12 @@ def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
     if request.argv:
         return AttachMode.SPAWN
     return AttachMode.INJECT
+
+
+def _view_message(view: View) -> pb.View:
+    written = view.written
+    n_pages = int((written[:, 1] - written[:, 0]).sum()) // PAGE_SIZE if len(written) else 0
+    return pb.View(view_id=view.name, n_pages=n_pages)
 
 
 def session_message(session: ManagedSession) -> pb.Session:

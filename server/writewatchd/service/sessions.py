@@ -31,6 +31,7 @@ from .._exceptions import (
     SessionEnded,
     SessionNotFound,
     UsageError,
+    ViewNotFound,
     WriteWatchError,
 )
 from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, pidfd_open, read_status
@@ -44,7 +45,7 @@ from .hub import EndReason, Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
 
-__all__ = ["AttachMode", "ManagedSession", "Readoption", "SessionManager", "SessionSpec"]
+__all__ = ["AttachMode", "Harvested", "ManagedSession", "Readoption", "SessionManager", "SessionSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,31 @@ class SessionSpec:
     labels: dict[str, str] | None = None
 
 
+_MAX_VIEW_NAME_BYTES = 256
+
+
+def _check_view_name(name: str) -> None:
+    if not name:
+        raise UsageError("view_id must not be empty")
+    if len(name.encode()) > _MAX_VIEW_NAME_BYTES:
+        raise UsageError(f"view_id must be at most {_MAX_VIEW_NAME_BYTES} bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class Harvested:
+    """What one on-demand harvest did.
+
+    ``delta`` is what this harvest published, ``None`` when it found nothing new: a tick
+    harvest may have published the same writes a moment earlier. ``(epoch, seq)`` is the
+    barrier: every write completed before the harvest is in a published delta of ``epoch``
+    with a seq <= ``seq``.
+    """
+
+    delta: Delta | None
+    epoch: int
+    seq: int
+
+
 class ManagedSession:
     """A tracked process inside the daemon."""
 
@@ -81,7 +107,7 @@ class ManagedSession:
         settings = manager.settings
         self.record = record
         self.tracker = tracker
-        self.views: dict[str, View] = {}
+        self.views: dict[str, View] = {name: View(name) for name in record.views}
         self.rate = RateEstimator(page_size_bytes=PAGE_SIZE)
         self.hub = Hub(
             lambda delta: manager.encode(record.session_id, delta),
@@ -120,6 +146,13 @@ class ManagedSession:
             raise SessionEnded(f"session {self.session_id} has ended: {self.record.end_message}")
         return self.tracker
 
+    async def begin(self) -> None:
+        """Publish the epoch's first delta (a RESYNC), then :meth:`start`; a target already gone ends the session."""
+        with contextlib.suppress(SessionEnded):
+            await self.harvest_now()
+        if self.active:
+            self.start()
+
     def start(self) -> None:
         """Join the ticker of the session's tick interval, and watch for the target's exit."""
         self._manager.ticker(self.record.tick_interval_ms).add(self)
@@ -149,20 +182,38 @@ class ManagedSession:
         os.close(self._pidfd)
         self._pidfd = -1
 
-    async def harvest_now(self) -> Delta | None:
-        """Harvest at once, publish to every consumer, and return the delta (``None`` if nothing was written)."""
-        if not self.active:
-            raise SessionEnded(f"session {self.session_id} has ended")
+    async def harvest_now(self) -> Harvested:
+        """Harvest at once and publish to every consumer (see :class:`Harvested`).
+
+        Raises :class:`SessionEnded` when the session has ended, also when this harvest finds
+        the target gone (the session then ends).
+        """
+        self._check_active()
         async with self._harvest_lock:
-            if not self.active:
-                raise SessionEnded(f"session {self.session_id} has ended")
-            loop = asyncio.get_running_loop()
-            try:
-                published = await loop.run_in_executor(self._manager.executor, self._harvest_in_thread)
-            except ProcessGone as exc:
-                await self._finish_gone(exc)
-                return None
-            return self._publish(published)
+            return await self._harvest_locked()
+
+    async def _harvest_locked(self) -> Harvested:
+        self._check_active()
+        loop = asyncio.get_running_loop()
+        try:
+            published = await loop.run_in_executor(self._manager.executor, self._harvest_in_thread)
+        except ProcessGone as exc:
+            await self._finish_gone(exc)
+            self._check_active()
+            raise
+        # Read under the lock: no other harvest can publish between this one and the position.
+        return Harvested(self._publish(published), self.hub.epoch, self.hub.last_seq)
+
+    async def flush(self) -> tuple[int, int]:
+        """``(epoch, seq)``: every write completed before the call is in a published delta of
+        ``epoch`` with a seq <= ``seq`` (harvesting first, so also when nothing new was written)."""
+        harvested = await self.harvest_now()
+        return harvested.epoch, harvested.seq
+
+    def _check_active(self) -> None:
+        if not self.active:
+            message = f": {self.record.end_message}" if self.record.end_message else ""
+            raise SessionEnded(f"session {self.session_id} has ended{message}")
 
     def _publish(self, published: Published | None) -> Delta | None:
         if published is None:
@@ -193,28 +244,64 @@ class ManagedSession:
             self._spawned.poll()
 
     def view(self, name: str) -> View:
-        """The view named ``name``, created empty on first use."""
-        if not name:
-            raise UsageError("view_id must not be empty")
+        """The view named ``name``; raises :class:`ViewNotFound`."""
+        _check_view_name(name)
         view = self.views.get(name)
         if view is None:
-            view = self.views[name] = View(name)
+            raise ViewNotFound(f"session {self.session_id} has no view {name!r}; create it first (CreateView)")
         return view
+
+    async def create_view(self, name: str) -> tuple[View, bool]:
+        """The view named ``name``, created empty if there is none; ``(view, created)``.
+
+        Writes up to now are harvested and published first, under the harvest lock, and
+        the view is registered before the lock is released: it receives every delta
+        published after, so it sees exactly the writes made after this call returns (and
+        possibly some made during it), whatever the ticks do.
+        """
+        _check_view_name(name)
+        existing = self.views.get(name)
+        if existing is not None:
+            return existing, False
+        self._check_active()
+        async with self._harvest_lock:
+            existing = self.views.get(name)
+            if existing is not None:
+                return existing, False
+            if len(self.views) >= self._manager.settings.max_views_per_session:
+                raise LimitExceeded(f"session {self.session_id} already has {len(self.views)} views")
+            await self._harvest_locked()
+            view = self.views[name] = View(name)
+            self.record.views = sorted(self.views)
+        await self._manager.persist(self.record)
+        return view, True
+
+    async def delete_view(self, name: str) -> None:
+        """Forget a view; raises :class:`ViewNotFound`."""
+        self.view(name)
+        del self.views[name]
+        self.record.views = sorted(self.views)
+        if self.active:
+            await self._manager.persist(self.record)
+
+    async def _harvest_for_view(self) -> None:
+        """Harvest so a view sees writes up to the call; a target that is gone leaves the view as it was."""
+        if self.active:
+            with contextlib.suppress(SessionEnded):
+                await self.harvest_now()
 
     async def get_write_watch(
         self, view_id: str, address: int, size_bytes: int, *, max_count: int, flags: int
     ) -> WriteWatchResult:
         """Win32 ``GetWriteWatch`` on one view, after a harvest (so it sees writes up to the call)."""
         view = self.view(view_id)
-        if self.active:
-            await self.harvest_now()
+        await self._harvest_for_view()
         return view.get_write_watch(self.tracked, address, size_bytes, max_count=max_count, flags=flags)
 
     async def reset_write_watch(self, view_id: str, address: int, size_bytes: int) -> None:
         """Win32 ``ResetWriteWatch`` on one view, after a harvest."""
         view = self.view(view_id)
-        if self.active:
-            await self.harvest_now()
+        await self._harvest_for_view()
         view.reset_write_watch(self.tracked, address, size_bytes)
 
     def subscribe(self, resume: tuple[int, int] | None, filter_ranges: RegionArray | None) -> Subscriber:
@@ -422,8 +509,7 @@ class SessionManager:
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session
         await self.persist(record)
-        await session.harvest_now()
-        session.start()
+        await session.begin()
         return session
 
     async def readopt(self) -> Readoption:
@@ -466,11 +552,12 @@ class SessionManager:
                 outcome.failed.append(record)
                 continue
             record.epoch = time.time_ns()
+            # The views come back with the first delta of the new epoch, a RESYNC: every
+            # tracked page written, since what happened meanwhile is unknown.
             session = ManagedSession(record, tracker, self)
             self._sessions[record.session_id] = session
             await self.persist(record)
-            await session.harvest_now()
-            session.start()
+            await session.begin()
             outcome.adopted.append(session)
         return outcome
 

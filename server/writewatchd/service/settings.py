@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_sessions: int = Field(1024, ge=1)
     max_ranges_per_session: int = Field(65536, ge=1)
     max_subscribers_per_session: int = Field(256, ge=1)
+    max_views_per_session: int = Field(256, ge=1)
     subscriber_queue_deltas: int = Field(64, ge=1)
     subscriber_evict_after_ms: int = Field(30_000, ge=1, description="a stream blocked this long is evicted")
     history_max_deltas: int = Field(1024, ge=1)

@@ -31,6 +31,8 @@ class SessionRecord:
     end_message: str = ""
     epoch: int = 0
     comm: str = ""
+    views: list[str] = field(default_factory=list)
+    ended_at_unix_ns: int = 0
 
 
 class StateStore:

@@ -682,19 +682,25 @@ class ListSessionsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    INCLUDE_ENDED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Maximum number of sessions to return; 0 means a server default."""
     page_token: _builtins.str
     """next_page_token of a previous response; empty for the first page."""
+    include_ended: _builtins.bool
+    """Also list ended sessions (kept for the daemon's retention time and count); by default
+    only active ones are listed.
+    """
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        include_ended: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_ended", b"include_ended", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -933,24 +939,85 @@ class HarvestResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELTA_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """With seq, as in FlushResponse: every write completed before the call is in a published
+    delta of this epoch with a seq <= seq.
+    """
+    seq: _builtins.int
+    """See epoch."""
     @_builtins.property
     def delta(self) -> Global___Delta:
-        """The published delta, whole (never fragmented); unset when nothing was written."""
+        """The delta this call published, whole (never fragmented); unset when this call found
+        nothing new (a tick harvest may have published the writes a moment earlier: see epoch
+        and seq).
+        """
 
     def __init__(
         self,
         *,
         delta: Global___Delta | None = ...,
+        epoch: _builtins.int = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "delta", b"delta"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "delta", b"delta"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_delta", b"_delta", "delta", b"delta", "epoch", b"epoch", "seq", b"seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__delta: _TypeAlias = _typing.Literal["delta"]  # noqa: Y015
     _WhichOneofArgType__delta: _TypeAlias = _typing.Literal["_delta", b"_delta"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__delta) -> _WhichOneofReturnType__delta | None: ...
 
 Global___HarvestResponse: _TypeAlias = HarvestResponse  # noqa: Y015
+
+@_typing.final
+class FlushRequest(_message.Message):
+    """Request of Flush."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to flush."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlushRequest: _TypeAlias = FlushRequest  # noqa: Y015
+
+@_typing.final
+class FlushResponse(_message.Message):
+    """Response of Flush."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EPOCH_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
+    epoch: _builtins.int
+    """Epoch of the deltas that hold every write completed before the call."""
+    seq: _builtins.int
+    """Those writes are in deltas with seq <= this one (this epoch's last published seq)."""
+    def __init__(
+        self,
+        *,
+        epoch: _builtins.int = ...,
+        seq: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "seq", b"seq"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FlushResponse: _TypeAlias = FlushResponse  # noqa: Y015
 
 @_typing.final
 class ScanRequest(_message.Message):
@@ -1041,6 +1108,175 @@ class ScanResponse(_message.Message):
 Global___ScanResponse: _TypeAlias = ScanResponse  # noqa: Y015
 
 @_typing.final
+class View(_message.Message):
+    """A named write-watch view of a session."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_ID_FIELD_NUMBER: _builtins.int
+    N_PAGES_FIELD_NUMBER: _builtins.int
+    view_id: _builtins.str
+    """The view's name, unique within its session."""
+    n_pages: _builtins.int
+    """Written pages the view holds now (not yet reset)."""
+    def __init__(
+        self,
+        *,
+        view_id: _builtins.str = ...,
+        n_pages: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["n_pages", b"n_pages", "view_id", b"view_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___View: _TypeAlias = View  # noqa: Y015
+
+@_typing.final
+class CreateViewRequest(_message.Message):
+    """Request of CreateView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    VIEW_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session to add the view to."""
+    view_id: _builtins.str
+    """Name of the view (non-empty, at most 256 bytes)."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        view_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "view_id", b"view_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateViewRequest: _TypeAlias = CreateViewRequest  # noqa: Y015
+
+@_typing.final
+class CreateViewResponse(_message.Message):
+    """Response of CreateView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEW_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when a view of that name already existed (it was left unchanged)."""
+    @_builtins.property
+    def view(self) -> Global___View:
+        """The view."""
+
+    def __init__(
+        self,
+        *,
+        view: Global___View | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["view", b"view"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "view", b"view"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateViewResponse: _TypeAlias = CreateViewResponse  # noqa: Y015
+
+@_typing.final
+class ListViewsRequest(_message.Message):
+    """Request of ListViews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session whose views are listed."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListViewsRequest: _TypeAlias = ListViewsRequest  # noqa: Y015
+
+@_typing.final
+class ListViewsResponse(_message.Message):
+    """Response of ListViews."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def views(self) -> _containers.RepeatedCompositeFieldContainer[Global___View]:
+        """The session's views, ordered by name."""
+
+    def __init__(
+        self,
+        *,
+        views: _abc.Iterable[Global___View] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["views", b"views"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListViewsResponse: _TypeAlias = ListViewsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteViewRequest(_message.Message):
+    """Request of DeleteView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    VIEW_ID_FIELD_NUMBER: _builtins.int
+    session_id: _builtins.str
+    """Session of the view."""
+    view_id: _builtins.str
+    """Name of the view to delete."""
+    def __init__(
+        self,
+        *,
+        session_id: _builtins.str = ...,
+        view_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id", "view_id", b"view_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteViewRequest: _TypeAlias = DeleteViewRequest  # noqa: Y015
+
+@_typing.final
+class DeleteViewResponse(_message.Message):
+    """Response of DeleteView."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteViewResponse: _TypeAlias = DeleteViewResponse  # noqa: Y015
+
+@_typing.final
 class GetWriteWatchRequest(_message.Message):
     """Request of GetWriteWatch."""
 
@@ -1055,7 +1291,7 @@ class GetWriteWatchRequest(_message.Message):
     session_id: _builtins.str
     """Session to query."""
     view_id: _builtins.str
-    """Name of the caller's view; created on first use."""
+    """Name of a view made by CreateView (NOT_FOUND otherwise)."""
     base_address: _builtins.int
     """First byte address of the queried range (page aligned)."""
     size_bytes: _builtins.int
@@ -1123,7 +1359,7 @@ class ResetWriteWatchRequest(_message.Message):
     session_id: _builtins.str
     """Session to modify."""
     view_id: _builtins.str
-    """Name of the caller's view; created on first use."""
+    """Name of a view made by CreateView (NOT_FOUND otherwise)."""
     base_address: _builtins.int
     """First byte address of the range to reset (page aligned)."""
     size_bytes: _builtins.int

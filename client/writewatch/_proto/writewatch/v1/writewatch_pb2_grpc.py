@@ -75,10 +75,30 @@ class WriteWatchStub:
                 request_serializer=writewatch_dot_v1_dot_writewatch__pb2.HarvestRequest.SerializeToString,
                 response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.HarvestResponse.FromString,
                 _registered_method=True)
+        self.Flush = channel.unary_unary(
+                '/writewatch.v1.WriteWatch/Flush',
+                request_serializer=writewatch_dot_v1_dot_writewatch__pb2.FlushRequest.SerializeToString,
+                response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.FlushResponse.FromString,
+                _registered_method=True)
         self.Scan = channel.unary_unary(
                 '/writewatch.v1.WriteWatch/Scan',
                 request_serializer=writewatch_dot_v1_dot_writewatch__pb2.ScanRequest.SerializeToString,
                 response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.ScanResponse.FromString,
+                _registered_method=True)
+        self.CreateView = channel.unary_unary(
+                '/writewatch.v1.WriteWatch/CreateView',
+                request_serializer=writewatch_dot_v1_dot_writewatch__pb2.CreateViewRequest.SerializeToString,
+                response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.CreateViewResponse.FromString,
+                _registered_method=True)
+        self.ListViews = channel.unary_unary(
+                '/writewatch.v1.WriteWatch/ListViews',
+                request_serializer=writewatch_dot_v1_dot_writewatch__pb2.ListViewsRequest.SerializeToString,
+                response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.ListViewsResponse.FromString,
+                _registered_method=True)
+        self.DeleteView = channel.unary_unary(
+                '/writewatch.v1.WriteWatch/DeleteView',
+                request_serializer=writewatch_dot_v1_dot_writewatch__pb2.DeleteViewRequest.SerializeToString,
+                response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.DeleteViewResponse.FromString,
                 _registered_method=True)
         self.GetWriteWatch = channel.unary_unary(
                 '/writewatch.v1.WriteWatch/GetWriteWatch',
@@ -162,8 +182,38 @@ class WriteWatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Flush(self, request, context):
+        """A barrier: returns (epoch, seq) such that every write completed before the call is in a
+        published delta of that epoch with a seq <= the returned one (harvesting if needed).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Scan(self, request, context):
         """Read-only PAGEMAP_SCAN query with caller-chosen category masks; resets nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateView(self, request, context):
+        """Creates a named write-watch view, empty: it sees every write made after the call
+        returns. Idempotent: creating an existing view changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListViews(self, request, context):
+        """Lists the views of a session.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteView(self, request, context):
+        """Deletes a view (NOT_FOUND when there is none of that name).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -240,10 +290,30 @@ def add_WriteWatchServicer_to_server(servicer, server):
                     request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.HarvestRequest.FromString,
                     response_serializer=writewatch_dot_v1_dot_writewatch__pb2.HarvestResponse.SerializeToString,
             ),
+            'Flush': grpc.unary_unary_rpc_method_handler(
+                    servicer.Flush,
+                    request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.FlushRequest.FromString,
+                    response_serializer=writewatch_dot_v1_dot_writewatch__pb2.FlushResponse.SerializeToString,
+            ),
             'Scan': grpc.unary_unary_rpc_method_handler(
                     servicer.Scan,
                     request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.ScanRequest.FromString,
                     response_serializer=writewatch_dot_v1_dot_writewatch__pb2.ScanResponse.SerializeToString,
+            ),
+            'CreateView': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateView,
+                    request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.CreateViewRequest.FromString,
+                    response_serializer=writewatch_dot_v1_dot_writewatch__pb2.CreateViewResponse.SerializeToString,
+            ),
+            'ListViews': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListViews,
+                    request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.ListViewsRequest.FromString,
+                    response_serializer=writewatch_dot_v1_dot_writewatch__pb2.ListViewsResponse.SerializeToString,
+            ),
+            'DeleteView': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteView,
+                    request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.DeleteViewRequest.FromString,
+                    response_serializer=writewatch_dot_v1_dot_writewatch__pb2.DeleteViewResponse.SerializeToString,
             ),
             'GetWriteWatch': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWriteWatch,
@@ -494,6 +564,33 @@ class WriteWatch:
             _registered_method=True)
 
     @staticmethod
+    def Flush(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/writewatch.v1.WriteWatch/Flush',
+            writewatch_dot_v1_dot_writewatch__pb2.FlushRequest.SerializeToString,
+            writewatch_dot_v1_dot_writewatch__pb2.FlushResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def Scan(request,
             target,
             options=(),
@@ -510,6 +607,87 @@ class WriteWatch:
             '/writewatch.v1.WriteWatch/Scan',
             writewatch_dot_v1_dot_writewatch__pb2.ScanRequest.SerializeToString,
             writewatch_dot_v1_dot_writewatch__pb2.ScanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/writewatch.v1.WriteWatch/CreateView',
+            writewatch_dot_v1_dot_writewatch__pb2.CreateViewRequest.SerializeToString,
+            writewatch_dot_v1_dot_writewatch__pb2.CreateViewResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListViews(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/writewatch.v1.WriteWatch/ListViews',
+            writewatch_dot_v1_dot_writewatch__pb2.ListViewsRequest.SerializeToString,
+            writewatch_dot_v1_dot_writewatch__pb2.ListViewsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/writewatch.v1.WriteWatch/DeleteView',
+            writewatch_dot_v1_dot_writewatch__pb2.DeleteViewRequest.SerializeToString,
+            writewatch_dot_v1_dot_writewatch__pb2.DeleteViewResponse.FromString,
             options,
             channel_credentials,
             insecure,

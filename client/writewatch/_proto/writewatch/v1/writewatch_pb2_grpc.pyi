@@ -60,8 +60,20 @@ class WriteWatchStub:
     """Streams every delta of a session in order, then a final SessionEnded message."""
     Harvest: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.HarvestRequest, _writewatch_pb2.HarvestResponse]
     """Harvests now and returns the resulting delta (also published to subscribers and views)."""
+    Flush: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.FlushRequest, _writewatch_pb2.FlushResponse]
+    """A barrier: returns (epoch, seq) such that every write completed before the call is in a
+    published delta of that epoch with a seq <= the returned one (harvesting if needed).
+    """
     Scan: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.ScanRequest, _writewatch_pb2.ScanResponse]
     """Read-only PAGEMAP_SCAN query with caller-chosen category masks; resets nothing."""
+    CreateView: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.CreateViewRequest, _writewatch_pb2.CreateViewResponse]
+    """Creates a named write-watch view, empty: it sees every write made after the call
+    returns. Idempotent: creating an existing view changes nothing.
+    """
+    ListViews: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.ListViewsRequest, _writewatch_pb2.ListViewsResponse]
+    """Lists the views of a session."""
+    DeleteView: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.DeleteViewRequest, _writewatch_pb2.DeleteViewResponse]
+    """Deletes a view (NOT_FOUND when there is none of that name)."""
     GetWriteWatch: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.GetWriteWatchRequest, _writewatch_pb2.GetWriteWatchResponse]
     """Win32 GetWriteWatch semantics on a named per-client view."""
     ResetWriteWatch: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.ResetWriteWatchRequest, _writewatch_pb2.ResetWriteWatchResponse]
@@ -92,8 +104,20 @@ class WriteWatchAsyncStub(WriteWatchStub):
     """Streams every delta of a session in order, then a final SessionEnded message."""
     Harvest: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.HarvestRequest, _writewatch_pb2.HarvestResponse]  # type: ignore[assignment]
     """Harvests now and returns the resulting delta (also published to subscribers and views)."""
+    Flush: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.FlushRequest, _writewatch_pb2.FlushResponse]  # type: ignore[assignment]
+    """A barrier: returns (epoch, seq) such that every write completed before the call is in a
+    published delta of that epoch with a seq <= the returned one (harvesting if needed).
+    """
     Scan: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.ScanRequest, _writewatch_pb2.ScanResponse]  # type: ignore[assignment]
     """Read-only PAGEMAP_SCAN query with caller-chosen category masks; resets nothing."""
+    CreateView: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.CreateViewRequest, _writewatch_pb2.CreateViewResponse]  # type: ignore[assignment]
+    """Creates a named write-watch view, empty: it sees every write made after the call
+    returns. Idempotent: creating an existing view changes nothing.
+    """
+    ListViews: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.ListViewsRequest, _writewatch_pb2.ListViewsResponse]  # type: ignore[assignment]
+    """Lists the views of a session."""
+    DeleteView: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.DeleteViewRequest, _writewatch_pb2.DeleteViewResponse]  # type: ignore[assignment]
+    """Deletes a view (NOT_FOUND when there is none of that name)."""
     GetWriteWatch: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.GetWriteWatchRequest, _writewatch_pb2.GetWriteWatchResponse]  # type: ignore[assignment]
     """Win32 GetWriteWatch semantics on a named per-client view."""
     ResetWriteWatch: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.ResetWriteWatchRequest, _writewatch_pb2.ResetWriteWatchResponse]  # type: ignore[assignment]
@@ -171,12 +195,48 @@ class WriteWatchServicer(metaclass=_abc_1.ABCMeta):
         """Harvests now and returns the resulting delta (also published to subscribers and views)."""
 
     @_abc_1.abstractmethod
+    def Flush(
+        self,
+        request: _writewatch_pb2.FlushRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writewatch_pb2.FlushResponse, _abc.Awaitable[_writewatch_pb2.FlushResponse]]:
+        """A barrier: returns (epoch, seq) such that every write completed before the call is in a
+        published delta of that epoch with a seq <= the returned one (harvesting if needed).
+        """
+
+    @_abc_1.abstractmethod
     def Scan(
         self,
         request: _writewatch_pb2.ScanRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_writewatch_pb2.ScanResponse, _abc.Awaitable[_writewatch_pb2.ScanResponse]]:
         """Read-only PAGEMAP_SCAN query with caller-chosen category masks; resets nothing."""
+
+    @_abc_1.abstractmethod
+    def CreateView(
+        self,
+        request: _writewatch_pb2.CreateViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writewatch_pb2.CreateViewResponse, _abc.Awaitable[_writewatch_pb2.CreateViewResponse]]:
+        """Creates a named write-watch view, empty: it sees every write made after the call
+        returns. Idempotent: creating an existing view changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ListViews(
+        self,
+        request: _writewatch_pb2.ListViewsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writewatch_pb2.ListViewsResponse, _abc.Awaitable[_writewatch_pb2.ListViewsResponse]]:
+        """Lists the views of a session."""
+
+    @_abc_1.abstractmethod
+    def DeleteView(
+        self,
+        request: _writewatch_pb2.DeleteViewRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writewatch_pb2.DeleteViewResponse, _abc.Awaitable[_writewatch_pb2.DeleteViewResponse]]:
+        """Deletes a view (NOT_FOUND when there is none of that name)."""
 
     @_abc_1.abstractmethod
     def GetWriteWatch(
