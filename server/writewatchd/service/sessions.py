@@ -17,7 +17,7 @@ import os
 import secrets
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -120,6 +120,8 @@ class ManagedSession:
         self._spawned = spawned
         self._harvest_lock = asyncio.Lock()
         self._pidfd = -1
+        self.settled = record.state == "ENDED"
+        """Ended, and its last record written: retention may prune it."""
 
     @property
     def session_id(self) -> str:
@@ -167,9 +169,7 @@ class ManagedSession:
     def _on_exit(self) -> None:
         self._close_pidfd()
         if self.active:
-            task = asyncio.get_running_loop().create_task(self._finish_after_exit())
-            self._manager.background.add(task)
-            task.add_done_callback(self._manager.background.discard)
+            self._manager.run_in_background(self._finish_after_exit())
 
     async def _finish_after_exit(self) -> None:
         async with self._harvest_lock:  # an on-demand harvest in flight settles first
@@ -339,6 +339,7 @@ class ManagedSession:
         self.record.state = "ENDED"
         self.record.end_reason = int(reason)
         self.record.end_message = message
+        self.record.ended_at_unix_ns = time.time_ns()
         self.hub.finish(reason, message)
         self._manager.ticker(self.record.tick_interval_ms).discard(self)
         self._close_pidfd()
@@ -346,6 +347,8 @@ class ManagedSession:
             await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
         self._reap()
         await self._manager.persist(self.record)
+        self.settled = True
+        self._manager.prune_ended()
 
 
 class Ticker:
@@ -451,6 +454,7 @@ class SessionManager:
         self._sessions: dict[str, ManagedSession] = {}
         self._tickers: dict[int, Ticker] = {}
         self.background: set[asyncio.Task[None]] = set()
+        self._prune_timer: asyncio.TimerHandle | None = None
 
     def ticker(self, interval_ms: int) -> Ticker:
         """The ticker of one tick interval, created on first use."""
@@ -559,6 +563,7 @@ class SessionManager:
             await self.persist(record)
             await session.begin()
             outcome.adopted.append(session)
+        self.prune_ended()
         return outcome
 
     async def _readopt_tracker(self, record: SessionRecord, identity: ProcessIdentity) -> Tracker:
@@ -581,10 +586,13 @@ class SessionManager:
         record.state = "ENDED"
         record.end_reason = int(reason)
         record.end_message = message
+        record.ended_at_unix_ns = time.time_ns()
         await self.persist(record)
         self._add_ended(record)
 
     def _add_ended(self, record: SessionRecord) -> None:
+        if not record.ended_at_unix_ns:  # a record written before ended_at_unix_ns existed
+            record.ended_at_unix_ns = record.created_at_unix_ns
         session = ManagedSession(record, None, self)
         session.hub.finish(EndReason(record.end_reason or EndReason.ERROR), record.end_message)
         self._sessions[record.session_id] = session
@@ -593,13 +601,53 @@ class SessionManager:
         """End a session (reason DELETED), release everything, and forget it."""
         session = self.get(session_id)
         await session.finish(EndReason.DELETED, "the session was deleted")
-        del self._sessions[session_id]
-        await asyncio.get_running_loop().run_in_executor(self.executor, self.store.delete, session_id)
+        if self._sessions.pop(session_id, None) is not None:  # retention may have pruned it meanwhile
+            await asyncio.get_running_loop().run_in_executor(self.executor, self.store.delete, session_id)
+
+    def prune_ended(self) -> None:
+        """Forget ended sessions past the retention time or count, and plan the next expiry."""
+        settings = self.settings
+        now_ns = time.time_ns()
+        retention_ns = int(settings.ended_session_retention_s * 1e9)
+        ended = sorted((s for s in self._sessions.values() if s.settled), key=lambda s: s.record.ended_at_unix_ns)
+        n_expired = sum(1 for s in ended if now_ns - s.record.ended_at_unix_ns >= retention_ns)
+        n_gone = max(n_expired, len(ended) - settings.ended_session_max_count)
+        gone, kept = ended[:n_gone], ended[n_gone:]
+        for session in gone:
+            del self._sessions[session.session_id]
+        if gone:
+            ids = [s.session_id for s in gone]
+            log.info(
+                "pruned %d ended sessions (retention %g s, at most %d kept)",
+                len(ids),
+                settings.ended_session_retention_s,
+                settings.ended_session_max_count,
+            )
+            self.run_in_background(self._forget(ids))
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
+            self._prune_timer = None
+        if kept:
+            delay_s = (kept[0].record.ended_at_unix_ns + retention_ns - now_ns) / 1e9
+            self._prune_timer = asyncio.get_running_loop().call_later(max(delay_s, 0), self.prune_ended)
+
+    async def _forget(self, session_ids: list[str]) -> None:
+        await asyncio.get_running_loop().run_in_executor(
+            self.executor, functools.partial(self.store.delete, *session_ids)
+        )
+
+    def run_in_background(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        """Run ``coroutine`` as a task that :meth:`shutdown` waits for."""
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
 
     async def shutdown(self) -> None:
         """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
         for ticker in self._tickers.values():
             await ticker.stop()
+        if self._prune_timer is not None:
+            self._prune_timer.cancel()
         # Exits noticed already are recorded (they need the executor, which is going away).
         await asyncio.gather(*self.background, return_exceptions=True)
         for session in list(self._sessions.values()):

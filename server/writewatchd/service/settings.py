@@ -40,6 +40,12 @@ class Settings(BaseSettings):
     max_ranges_per_session: int = Field(65536, ge=1)
     max_subscribers_per_session: int = Field(256, ge=1)
     max_views_per_session: int = Field(256, ge=1)
+    ended_session_retention_s: float = Field(
+        3600.0, ge=0, description="an ended session is kept this long, then pruned from memory and the store"
+    )
+    ended_session_max_count: int = Field(
+        1000, ge=0, description="at most this many ended sessions are kept; the oldest are pruned first"
+    )
     subscriber_queue_deltas: int = Field(64, ge=1)
     subscriber_evict_after_ms: int = Field(30_000, ge=1, description="a stream blocked this long is evicted")
     history_max_deltas: int = Field(1024, ge=1)

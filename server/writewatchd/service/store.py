@@ -33,6 +33,7 @@ class SessionRecord:
     comm: str = ""
     views: list[str] = field(default_factory=list)
     ended_at_unix_ns: int = 0
+    """When the session ended (0 while ACTIVE)."""
 
 
 class StateStore:
@@ -69,10 +70,12 @@ class StateStore:
             records.append(SessionRecord(**data))
         return sorted(records, key=lambda r: r.created_at_unix_ns)
 
-    def delete(self, session_id: str) -> None:
-        """Forget one session."""
+    def delete(self, *session_ids: str) -> None:
+        """Forget sessions (one transaction)."""
         with self._lock:
-            self._db.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+            self._db.execute("BEGIN")
+            self._db.executemany("DELETE FROM sessions WHERE id = ?", [(i,) for i in session_ids])
+            self._db.execute("COMMIT")
 
     def close(self) -> None:
         """Close the database."""
