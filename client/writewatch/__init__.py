@@ -36,6 +36,7 @@ from ._exceptions import (
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import AttachMode, Delta, EndReason, PageCategory, RetryPolicy, ScanResult, WriteWatchResult
 from ._wire import FragmentAssembler, decode_delta
+from .fleet import Fleet, FleetError
 from .recording import Recording, RecordingTruncatedWarning, read_recording
 from .regions import decode_regions, encode_regions, split_regions
 
@@ -54,6 +55,8 @@ __all__ = [
     "DeadlineExceeded",
     "Delta",
     "EndReason",
+    "Fleet",
+    "FleetError",
     "FragmentAssembler",
     "FailedPrecondition",
     "Internal",

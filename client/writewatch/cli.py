@@ -20,6 +20,7 @@ from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
 from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
+from .fleet import Fleet, FleetError
 from .recording import record_session
 
 __all__ = [
@@ -216,17 +217,23 @@ def _session_row(snapshot: pb.Session) -> list[str]:
     ]
 
 
-def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool) -> None:
+def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool, hosts: Sequence[str] | None = None) -> None:
+    """The sessions table (or JSON); with ``hosts`` (one per snapshot) a host column first."""
     if as_json:
-        _print_json([message_to_json(s) for s in snapshots])
+        rows = [message_to_json(s) for s in snapshots]
+        if hosts is not None:
+            rows = [{"host": host, **row} for host, row in zip(hosts, rows, strict=True)]
+        _print_json(rows)
         return
     table = Table()
+    if hosts is not None:
+        table.add_column("host", no_wrap=True)
     # The id is what every other command takes: never truncate it.
     table.add_column("session", no_wrap=True, min_width=max((len(s.session_id) for s in snapshots), default=7))
     for header in ("pid", "command", "mode", "state", "tracked", "seq", "subs", "labels"):
         table.add_column(header)
-    for snapshot in snapshots:
-        table.add_row(*_session_row(snapshot))
+    for index, snapshot in enumerate(snapshots):
+        table.add_row(*([hosts[index]] if hosts is not None else []), *_session_row(snapshot))
     _console.print(table)
 
 
@@ -246,11 +253,33 @@ def sessions(
         bool, typer.Option("--all", help="Also list ended sessions (kept for the daemon's retention).")
     ] = False,
     address: AddressOption = None,
+    fleet_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--fleet",
+            help="Sessions of every daemon listed in FILE (one per line: ADDRESS or NAME ADDRESS).",
+            exists=True,
+            dir_okay=False,
+            show_default=False,
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List the daemon's active sessions (--all: also the ended ones it keeps)."""
-    with _errors(), _client(ctx, address) as client:
-        _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
+    """List the daemon's active sessions (--all: also the ended ones it keeps; --fleet: of many daemons)."""
+    if fleet_file is None:
+        with _errors(), _client(ctx, address) as client:
+            _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
+        return
+    with _errors(), Fleet.from_file(fleet_file) as fleet:
+        try:
+            listed = fleet.sessions(include_ended=show_all)
+        except FleetError as error:
+            listed = error.sessions
+            _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
+            for host, host_error in error.errors.items():
+                _errors_console.print(f"writewatch: {host}: {host_error}", markup=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
 
 
 @app.command()
