@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import threading
@@ -104,7 +105,7 @@ def test_flush_is_exact_over_hundreds_of_rounds_with_2_ms_ticks(client: writewat
         rounds.append((flushed_seq, written))
     stream.wait_for(rounds[-1][0])
     n_separate = check_rounds(stream.deltas, rounds, target, start_seq)
-    assert n_separate >= 100  # merges join only a few rounds
+    assert n_separate >= 10  # a reader starved for long gets merged deltas that join rounds, never all
     assert sum(len(w) for _, w in rounds) > 1000
 
 
@@ -221,3 +222,24 @@ def test_view_requests_are_checked(client: writewatch.Client, target: CoopTarget
         assert caught.value.code() == code, caught.value.details()
         assert "Traceback" not in (caught.value.details() or "")
     assert session.views() == []
+
+
+async def test_async_client_views_and_flush(daemon: DaemonProcess, target: CoopTarget) -> None:
+    async with writewatch.AsyncClient(daemon.address, timeout_s=20) as client:
+        session = await client.attach(
+            target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=1
+        )
+        target.write(2)
+        view = await session.view("async")
+        target.write(3)
+        target.write(5)
+        await asyncio.sleep(0.2)
+        result = await view.get_write_watch(target.base, target.n_pages * PAGE)
+        assert result.addresses == [target.base + 3 * PAGE, target.base + 5 * PAGE]
+        target.write(6)
+        epoch, seq = await session.flush()
+        info = await session.info()
+        assert (epoch, seq) == (info.epoch, info.last_seq) and seq >= 2
+        assert [(v.view_id, v.n_pages) for v in await session.views()] == [("async", 3)]
+        await view.delete()
+        assert await session.views() == []

@@ -229,7 +229,7 @@ def test_random_interleavings_are_exact(client: writewatch.Client, target: CoopT
     target.exit()
     for subscription in [main, *(s for s, _ in resumed)]:
         subscription.join()
-    assert n_compared >= counts.get("flush", 0) // 2, "merges joined most barriers: nothing was compared"
+    assert n_compared >= 10, "merges joined almost every barrier: too little was compared"
     assert model.n_writes > N_STEPS // 2
     print(f"seed {seed}: {counts}, {model.n_writes} writes, {n_compared} barriers compared, {len(resumed)} resumed")
 
