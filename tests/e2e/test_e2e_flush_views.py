@@ -20,6 +20,13 @@ from writewatch._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 
 
 @pytest.fixture
+def client(shared_daemon: DaemonProcess) -> Iterator[writewatch.Client]:
+    """A client of the module's daemon (every test here leaves only ended sessions behind)."""
+    with writewatch.Client(shared_daemon.address, timeout_s=20) as c:
+        yield c
+
+
+@pytest.fixture
 def target() -> Iterator[CoopTarget]:
     t = CoopTarget(256)
     yield t
@@ -224,8 +231,8 @@ def test_view_requests_are_checked(client: writewatch.Client, target: CoopTarget
     assert session.views() == []
 
 
-async def test_async_client_views_and_flush(daemon: DaemonProcess, target: CoopTarget) -> None:
-    async with writewatch.AsyncClient(daemon.address, timeout_s=20) as client:
+async def test_async_client_views_and_flush(shared_daemon: DaemonProcess, target: CoopTarget) -> None:
+    async with writewatch.AsyncClient(shared_daemon.address, timeout_s=20) as client:
         session = await client.attach(
             target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=1
         )

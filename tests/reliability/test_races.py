@@ -105,6 +105,22 @@ def check_barriers(deltas: list[writewatch.Delta], model: Model, target: CoopTar
     return n_compared
 
 
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
+    """One daemon for the tests that need no special settings."""
+    d = DaemonProcess(tmp_path_factory.mktemp("races"), {})
+    d.start()
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def shared_client(shared_daemon: DaemonProcess) -> Iterator[writewatch.Client]:
+    """A client of the module's daemon."""
+    with writewatch.Client(shared_daemon.address, timeout_s=20) as c:
+        yield c
+
+
 @pytest.fixture
 def target() -> Iterator[CoopTarget]:
     t = CoopTarget(N_PAGES)
@@ -113,7 +129,8 @@ def target() -> Iterator[CoopTarget]:
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-def test_random_interleavings_are_exact(client: writewatch.Client, target: CoopTarget, seed: int) -> None:
+def test_random_interleavings_are_exact(shared_client: writewatch.Client, target: CoopTarget, seed: int) -> None:
+    client = shared_client
     rng = random.Random(seed)
     tick_ms = 1 + seed % 2
     fixed = (target.base, target.base + N_FIXED * PAGE)
@@ -331,9 +348,13 @@ def test_evicted_subscribers_resume_exactly_while_ticks_and_flushes_race(
         big.kill()
 
 
-def test_a_view_made_while_ticks_run_never_holds_earlier_writes(client: writewatch.Client, target: CoopTarget) -> None:
+def test_a_view_made_while_ticks_run_never_holds_earlier_writes(
+    shared_client: writewatch.Client, target: CoopTarget
+) -> None:
     """Writes made just before view() are never in it, even with a tick every millisecond."""
-    session = client.attach(target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=1)
+    session = shared_client.attach(
+        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=1
+    )
     n_rounds = 400 if SOAK else 80
     for round_index in range(n_rounds):
         target.random_writes(round_index, 4)
