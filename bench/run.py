@@ -130,6 +130,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "scale": _module_section("scale"),
     "attach": attach_section,
     "win32": _module_section("win32"),
+    "jetstream": _module_section("jetstream"),
 }
 
 

@@ -19,6 +19,7 @@ SECTION_TITLES = [
     "5. Scale",
     "6. Attach",
     "7. Win32 shape",
+    "8. JetStream export",
 ]
 
 
