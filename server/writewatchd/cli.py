@@ -84,6 +84,17 @@ def _table(caps: Capabilities) -> Table:
             _exited_scan(caps),
             "builds differ; writewatchd learns exits from a pidfd either way",
         ),
+        (
+            "process events",
+            _yes_no(caps.process_events),
+            "netlink proc connector: exec and fork of followed targets noticed at once",
+        ),
+        (
+            "exec/fork detection",
+            caps.exec_fork_detection,
+            "without events: /proc polled once a tick (a short-lived child can be missed)",
+        ),
+        ("CAP_NET_ADMIN", _yes_no(caps.cap_net_admin), "process events need it before Linux 6.6"),
         ("probe time", f"{caps.probe_ms:.1f} ms", ""),
     ]
     for row in rows:

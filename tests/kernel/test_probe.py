@@ -14,6 +14,7 @@ from writewatchd import FeatureUnavailable
 from writewatchd.cli import app
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, UffdFeature, Userfaultfd
 from writewatchd.kernel.probe import Capabilities, ExitedScan, probe
+from writewatchd.kernel.procevents import proc_events_available
 
 from .conftest import HPAGE_PMD_PAGES, MADV_DONTNEED, WRITTEN, MemFactory, Tracked, madvise
 
@@ -100,6 +101,7 @@ def test_permissions(caps: Capabilities) -> None:
     cap_eff = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
     assert caps.euid == os.geteuid()
     assert (caps.cap_sys_ptrace, caps.cap_sys_admin) == (bool(cap_eff >> 19 & 1), bool(cap_eff >> 21 & 1))
+    assert caps.cap_net_admin == bool(cap_eff >> 12 & 1)
     sysctl = Path("/proc/sys/vm/unprivileged_userfaultfd")
     assert caps.unprivileged_userfaultfd == (int(sysctl.read_text()) if sysctl.exists() else None)
     yama = Path("/proc/sys/kernel/yama/ptrace_scope")
@@ -147,3 +149,11 @@ class TestDoctor:
         assert "PAGEMAP_SCAN" in result.output
         assert caps.kernel_release in result.output
         assert "scan of an exited process" in result.output
+        assert "process events" in result.output
+
+    def test_process_events_and_the_polling_fallback(self, caps: Capabilities) -> None:
+        data = json.loads(CliRunner().invoke(app, ["doctor", "--json"]).output)
+        assert data["process_events"] == caps.process_events == proc_events_available()[0]
+        assert data["exec_fork_detection"] == ("events" if caps.process_events else "polling")
+        if not caps.process_events:
+            assert any("polling" in note for note in caps.notes)

@@ -38,12 +38,14 @@ _SYSCALL_NUMBERS: dict[str, dict[str, int]] = {
         "pidfd_open": 434,
         "pidfd_getfd": 438,
         "process_madvise": 440,
+        "kcmp": 312,
     },
     "aarch64": {
         "userfaultfd": 282,
         "pidfd_open": 434,
         "pidfd_getfd": 438,
         "process_madvise": 440,
+        "kcmp": 272,
     },
 }
 SYS: Mapping[str, int] = _SYSCALL_NUMBERS.get(platform.machine(), _SYSCALL_NUMBERS["x86_64"])

@@ -26,11 +26,13 @@ from pathlib import Path
 from .._exceptions import KernelError, ProcessGone
 from ._libc import libc
 from .pagemap import PAGE_SIZE, Category, PagemapScanner
+from .procevents import proc_events_available
 from .uffd import TRACKING_FEATURES, UffdFeature, Userfaultfd
 
 __all__ = ["Capabilities", "ExitedScan", "exited_scan_answer", "probe"]
 
 #: Linux capability numbers (``linux/capability.h``).
+CAP_NET_ADMIN = 12
 CAP_SYS_PTRACE = 19
 CAP_SYS_ADMIN = 21
 
@@ -97,6 +99,8 @@ class Capabilities:
     dev_userfaultfd: bool
     exited_scan_zombie: ExitedScan | None
     exited_scan_reaped: ExitedScan | None
+    cap_net_admin: bool
+    process_events: bool
     notes: tuple[str, ...]
     probe_ms: float
 
@@ -109,6 +113,11 @@ class Capabilities:
     def can_track(self) -> bool:
         """Whether page-exact write tracking (PAGEMAP_SCAN + WP_ASYNC) works here."""
         return self.pagemap_scan and self.wp_async and Category.WRITTEN in self.categories
+
+    @property
+    def exec_fork_detection(self) -> str:
+        """How the daemon learns of a target's exec and forks: ``"events"`` or ``"polling"``."""
+        return "events" if self.process_events else "polling"
 
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready view: flags become ``{name: bool}`` maps."""
@@ -133,6 +142,9 @@ class Capabilities:
             "dev_userfaultfd": self.dev_userfaultfd,
             "exited_scan_zombie": None if self.exited_scan_zombie is None else self.exited_scan_zombie.value,
             "exited_scan_reaped": None if self.exited_scan_reaped is None else self.exited_scan_reaped.value,
+            "cap_net_admin": self.cap_net_admin,
+            "process_events": self.process_events,
+            "exec_fork_detection": self.exec_fork_detection,
             "notes": list(self.notes),
             "probe_ms": round(self.probe_ms, 3),
         }
@@ -156,6 +168,9 @@ def probe() -> Capabilities:
         notes.append("the 2026 PAGEMAP_SCAN fixes were not probed: PAGEMAP_SCAN or WP_ASYNC is missing")
     soft_dirty = _guarded(notes, "soft-dirty", _probe_soft_dirty)
     exited_zombie, exited_reaped = _probe_exited_scan(notes) if pagemap_scan else (None, None)
+    process_events, why_not = proc_events_available()
+    if not process_events:
+        notes.append(f"process events unavailable ({why_not}): exec and forks are found by polling /proc")
 
     return Capabilities(
         kernel_release=release,
@@ -176,6 +191,8 @@ def probe() -> Capabilities:
         dev_userfaultfd=os.path.exists("/dev/userfaultfd"),
         exited_scan_zombie=exited_zombie,
         exited_scan_reaped=exited_reaped,
+        cap_net_admin=bool(effective_caps >> CAP_NET_ADMIN & 1),
+        process_events=process_events,
         notes=tuple(notes),
         probe_ms=(time.monotonic_ns() - started_ns) / 1e6,
     )
