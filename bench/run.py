@@ -131,6 +131,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "attach": attach_section,
     "win32": _module_section("win32"),
     "jetstream": _module_section("jetstream"),
+    "proctrees": _module_section("proctrees"),
 }
 
 

@@ -20,6 +20,7 @@ SECTION_TITLES = [
     "6. Attach",
     "7. Win32 shape",
     "8. JetStream export",
+    "9. Following exec and fork",
 ]
 
 
