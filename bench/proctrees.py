@@ -80,9 +80,9 @@ def _wait_event(listener: ProcEventListener, kind: ProcEventKind, tgid: int, *, 
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         for event in listener.read(0.5):
-            if event.kind == kind and (event.parent_tgid if parent else event.tgid) == tgid:
-                if kind != ProcEventKind.FORK or event.is_new_process:
-                    return event
+            matches = event.kind == kind and (event.parent_tgid if parent else event.tgid) == tgid
+            if matches and (kind != ProcEventKind.FORK or event.is_new_process):
+                return event
     raise TimeoutError(f"no {kind.name} event for {tgid}")
 
 
