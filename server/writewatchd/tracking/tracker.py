@@ -174,8 +174,8 @@ class Tracker:
                 if len(found):
                     chunks.append(found)
             regions = _union(chunks)
-            if len(regions) == 0 and self._process.has_exited():
-                raise ProcessGone(errno.ESRCH, f"process {self.pid} has exited")
+            if len(regions) == 0:
+                self._raise_if_exited()
             elapsed_ns = time.perf_counter_ns() - started_ns
             stats = self.statistics
             stats.n_harvests += 1
@@ -210,15 +210,20 @@ class Tracker:
         if now_ns - self._mm_checked_ns < 1_000_000_000:
             return
         self._mm_checked_ns = now_ns
-        if self._process.has_exited():  # a zombie's stat reads zeros: not an exec
-            raise ProcessGone(errno.ESRCH, f"process {self.pid} has exited")
+        self._raise_if_exited()  # a zombie's stat reads zeros: not an exec
         if mm_fingerprint(self.pid) != self._mm_fingerprint:
             raise ProcessGone(errno.ESRCH, f"pid {self.pid} executed a new program; the tracked memory is gone")
+
+    def _raise_if_exited(self) -> None:
+        if self._process.has_exited():
+            raise ProcessGone(errno.ESRCH, f"process {self.pid} has exited")
 
     def _harvest_range(self, start: int, end: int) -> RegionArray:
         try:
             return self._scanner.harvest(start, end)
         except NotRegistered:
+            # An exit tears the mappings down under the scan: nothing is left to report.
+            self._raise_if_exited()
             # munmap/mremap/fd reuse dropped part of the registration, and the failed walk
             # may have re-protected pages it could not report: the whole range is written.
             self.statistics.n_ranges_lost += 1
@@ -227,6 +232,7 @@ class Tracker:
         except ProcessGone:
             raise
         except KernelError as exc:
+            self._raise_if_exited()
             self._note(f"harvest [0x{start:x}, 0x{end:x}): {exc}")
             return as_regions([(start, end)])
 
