@@ -2,6 +2,7 @@
 
 from ._exceptions import (
     AccessDenied,
+    AlreadyTracked,
     FeatureUnavailable,
     InjectionRefused,
     InvalidRange,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDenied",
+    "AlreadyTracked",
     "FeatureUnavailable",
     "InjectionRefused",
     "InvalidRange",

@@ -9,6 +9,7 @@ Every error the package raises on purpose is one of these::
     ├── ViewNotFound (LookupError)      the session has no view of that name
     ├── SessionEnded                    the session has ended; it can be read, not changed
     ├── LimitExceeded                   a configured limit (sessions, ranges, subscribers) would be exceeded
+    ├── AlreadyTracked                  the process already has an active session
     └── KernelError (OSError)           a kernel interface refused; carries ``errno``
         ├── FeatureUnavailable          this kernel lacks an interface, flag or category
         ├── NotRegistered               memory in the range is not registered for async write-protect
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 __all__ = [
     "AccessDenied",
+    "AlreadyTracked",
     "LimitExceeded",
     "SessionEnded",
     "SessionNotFound",
@@ -67,6 +69,10 @@ class SessionEnded(WriteWatchError):
 
 class LimitExceeded(WriteWatchError):
     """A configured limit (sessions, ranges, subscribers) would be exceeded."""
+
+
+class AlreadyTracked(WriteWatchError):
+    """The process already has an active session (one per process: a second would compete for its dirty bits)."""
 
 
 class KernelError(WriteWatchError, OSError):

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
@@ -22,8 +23,10 @@ from writewatch.regions import encode_regions
 from .. import __version__
 from .._exceptions import (
     AccessDenied,
+    AlreadyTracked,
     FeatureUnavailable,
     InjectionRefused,
+    InvalidRange,
     KernelError,
     LimitExceeded,
     NotRegistered,
@@ -42,7 +45,7 @@ from .hub import SessionEnd, Subscriber
 from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
 
-__all__ = ["WriteWatchServicer", "generic_handler"]
+__all__ = ["MalformedRequest", "WriteWatchServicer", "generic_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
     (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
     (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (AlreadyTracked, grpc.StatusCode.ALREADY_EXISTS),
     (SessionEnded, grpc.StatusCode.FAILED_PRECONDITION),
     (InjectionRefused, grpc.StatusCode.FAILED_PRECONDITION),
     (FeatureUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
@@ -63,6 +67,16 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (ImportError, grpc.StatusCode.UNIMPLEMENTED),
 ]
 _MAX_TICK_INTERVAL_MS = 3_600_000
+
+
+# Status details travel in a trailer; clients refuse trailers over 8 KiB by default and would
+# see RESOURCE_EXHAUSTED instead of our status, so echoed request values are cut short.
+_MAX_DETAILS_CHARS = 1024
+
+
+def _details(problem: object) -> str:
+    text = str(problem)
+    return text if len(text) <= _MAX_DETAILS_CHARS else text[: _MAX_DETAILS_CHARS - 1] + "…"
 
 
 def _status_for(exc: BaseException) -> grpc.StatusCode:
@@ -79,16 +93,62 @@ def _rpc(
 
     @functools.wraps(method)
     async def wrapper(self: WriteWatchServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
         try:
             return await method(self, request, context)
         except (WriteWatchError, ImportError) as exc:
-            await context.abort(_status_for(exc), str(exc))
+            await context.abort(_status_for(exc), _details(exc))
         except Exception as exc:
             log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+            await context.abort(
+                grpc.StatusCode.INTERNAL, _details(f"{method.__name__} failed: {type(exc).__name__}: {exc}")
+            )
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+class MalformedRequest:
+    """Bytes that do not parse as the method's request message (answered INVALID_ARGUMENT).
+
+    Parsing happens in gRPC's deserializer, whose failures gRPC itself would answer UNKNOWN;
+    handing this marker to the handler keeps the status ours.
+    """
+
+    def __init__(self, type_name: str, error: DecodeError) -> None:
+        self.message = f"the request is not a valid {type_name}: {error}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _parser(request_class: Any) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return request_class.FromString(data)
+        except DecodeError as error:
+            return MalformedRequest(request_class.DESCRIPTOR.full_name, error)
+
+    return parse
+
+
+# Labels live as long as the session, in memory and in the state store: bounded like
+# Kubernetes labels, so one request cannot make the daemon hold megabytes.
+_MAX_LABELS = 64
+_MAX_LABEL_KEY_CHARS = 63
+_MAX_LABEL_VALUE_CHARS = 256
+
+
+def _check_labels(labels: dict[str, str]) -> None:
+    if len(labels) > _MAX_LABELS:
+        raise UsageError(f"{len(labels)} labels; at most {_MAX_LABELS} are allowed")
+    for key, value in labels.items():
+        if not 0 < len(key) <= _MAX_LABEL_KEY_CHARS or len(value) > _MAX_LABEL_VALUE_CHARS:
+            raise UsageError(
+                f"labels: keys must have 1..{_MAX_LABEL_KEY_CHARS} characters and values at most "
+                f"{_MAX_LABEL_VALUE_CHARS}; got a {len(key)}-character key with a {len(value)}-character value"
+            )
 
 
 def _require_id(session_id: str) -> str:
@@ -121,9 +181,13 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     @_rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
-        mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
+        try:
+            mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
+        except ValueError:
+            raise UsageError(f"unknown attach_mode {request.attach_mode}") from None
         if request.tick_interval_ms > _MAX_TICK_INTERVAL_MS:
             raise UsageError(f"tick_interval_ms must be <= {_MAX_TICK_INTERVAL_MS}")
+        _check_labels(dict(request.labels))
         if mode != AttachMode.SPAWN and request.argv:
             raise UsageError("argv is only for attach_mode SPAWN")
         if mode == AttachMode.SPAWN and request.pid:
@@ -186,22 +250,30 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=False)
         return session_message(session)
 
-    async def Subscribe(self, request: pb.SubscribeRequest, context: Any) -> None:  # type: ignore[override]
+    async def Subscribe(self, request: pb.SubscribeRequest | MalformedRequest, context: Any) -> None:  # type: ignore[override]
         """Stream deltas with ``context.write`` so a blocked stream can be detected and evicted."""
         if self.stopping:
             # Accepted now, the stream would only be cancelled when the server stops; a subscriber
             # reconnecting after DAEMON_SHUTDOWN must rather back off until the daemon is back.
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; retry")
             return
+        if isinstance(request, MalformedRequest):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
+            return
         try:
             session = self._session(request.session_id)
             if request.HasField("resume_epoch") != request.HasField("resume_seq"):
                 raise UsageError("resume_epoch and resume_seq go together")
             resume = (request.resume_epoch, request.resume_seq) if request.HasField("resume_epoch") else None
+            if any(
+                r.start_address % PAGE_SIZE or r.end_address % PAGE_SIZE or r.end_address <= r.start_address
+                for r in request.filter_ranges
+            ):
+                raise InvalidRange("filter_ranges must be page aligned, each with end_address > start_address")
             filter_ranges = ranges_from_message(request.filter_ranges) if request.filter_ranges else None
             subscriber = session.subscribe(resume, filter_ranges)
         except WriteWatchError as exc:
-            await context.abort(_status_for(exc), str(exc))
+            await context.abort(_status_for(exc), _details(exc))
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
         self._open_streams += 1
@@ -230,6 +302,9 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         resume from its cursor. Meanwhile the hub queues nothing more for it.
         """
         write = asyncio.ensure_future(context.write(frame))
+        # When the stream is cancelled (the client went away) while we wait, nobody awaits the
+        # write: take its error here, or asyncio logs "Task exception was never retrieved".
+        write.add_done_callback(_retrieve)
         done, _ = await asyncio.wait({write}, timeout=evict_after_s)
         if not done:
             message = f"evicted: the subscriber did not read for {evict_after_s:g} s; resume from your last delta"
@@ -327,6 +402,11 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         return capabilities_message(caps, __version__)
 
 
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
     if request.HasField("uffd_fd"):
         return AttachMode.COOPERATIVE
@@ -389,10 +469,10 @@ def generic_handler(servicer: WriteWatchServicer) -> grpc.GenericRpcHandler[Any,
         implementation = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                implementation, request_deserializer=request_class.FromString, response_serializer=_serialize
+                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                implementation, request_deserializer=request_class.FromString, response_serializer=_serialize
+                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

@@ -25,6 +25,7 @@ from typing import Any
 from writewatch import AttachMode
 
 from .._exceptions import (
+    AlreadyTracked,
     LimitExceeded,
     ProcessGone,
     RangeBusy,
@@ -453,6 +454,7 @@ class SessionManager:
         self.executor = ThreadPoolExecutor(settings.harvest_threads, thread_name_prefix="harvest")
         self._sessions: dict[str, ManagedSession] = {}
         self._tickers: dict[int, Ticker] = {}
+        self._attaching: set[int] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._prune_timer: asyncio.TimerHandle | None = None
 
@@ -492,7 +494,12 @@ class SessionManager:
         if not spec.auto_ranges and not spec.ranges:
             raise UsageError("give ranges, or auto_ranges=true")
         loop = asyncio.get_running_loop()
-        tracker, spawned = await loop.run_in_executor(self.executor, self._start_tracker, spec)
+        if spec.attach_mode != AttachMode.SPAWN:
+            self._claim(spec.pid)
+        try:
+            tracker, spawned = await loop.run_in_executor(self.executor, self._start_tracker, spec)
+        finally:
+            self._attaching.discard(spec.pid)
         identity = tracker.identity
         pid = identity.pid
         record = SessionRecord(
@@ -515,6 +522,19 @@ class SessionManager:
         await self.persist(record)
         await session.begin()
         return session
+
+    def _claim(self, pid: int) -> None:
+        """One active session per process: two sessions sharing a cooperative target's
+        userfaultfd would take each other's dirty bits, and deleting one would unregister both."""
+        holder = next((s for s in self._sessions.values() if s.active and s.record.pid == pid), None)
+        if holder is not None:
+            raise AlreadyTracked(
+                f"pid {pid} is already tracked by session {holder.session_id}: subscribe to it, "
+                "add ranges to it, or delete it first"
+            )
+        if pid in self._attaching:
+            raise AlreadyTracked(f"pid {pid} is being attached by another request")
+        self._attaching.add(pid)
 
     async def readopt(self) -> Readoption:
         """Re-adopt the live sessions of a previous daemon; record the dead ones as EXITED.
