@@ -13,9 +13,10 @@ import errno
 import os
 import re
 
-from .._exceptions import FeatureUnavailable, InvalidRange, UsageError
+from .._exceptions import FeatureUnavailable, InvalidRange, ProcessGone, UsageError
 from ._libc import SYS, ioctl, raise_errno, syscall
 from .pidfd import pidfd_getfd
+from .procfs import read_status
 
 __all__ = [
     "TRACKING_FEATURES",
@@ -154,6 +155,8 @@ class Userfaultfd:
         if not is_userfaultfd(pid, target_fd):
             if not os.path.exists(f"/proc/{pid}"):
                 pidfd_getfd(pid, target_fd)  # raises ProcessGone with the kernel's word
+            if read_status(pid).state in ("Z", "X"):  # exited: its fds are closed, not wrong
+                raise ProcessGone(errno.ESRCH, f"process {pid} has exited")
             raise UsageError(f"fd {target_fd} of pid {pid} is not a userfaultfd")
         uffd = cls(pidfd_getfd(pid, target_fd), owner_pid=pid)
         uffd.features = uffd._features_from_fdinfo()

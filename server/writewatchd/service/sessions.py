@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import os
 import secrets
 import subprocess
 import time
@@ -35,7 +34,7 @@ from .._exceptions import (
     ViewNotFound,
     WriteWatchError,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, pidfd_open, read_status
+from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, read_status
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
 from ..tracking.regions import EMPTY, RegionArray, as_regions
@@ -158,14 +157,15 @@ class ManagedSession:
 
     def start(self) -> None:
         """Join the ticker of the session's tick interval, and watch for the target's exit."""
-        self._manager.ticker(self.record.tick_interval_ms).add(self)
-        # A pidfd turns readable when the process exits: the session ends at once, whatever
-        # its tick interval, instead of at its next harvest.
-        try:
-            self._pidfd = pidfd_open(self.record.pid)
-        except WriteWatchError:
+        if not self.active:  # the target went while the session was being created
             return
-        asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
+        self._manager.ticker(self.record.tick_interval_ms).add(self)
+        # The tracker's pidfd turns readable when the process exits: the session ends at once,
+        # whatever its tick interval. Opened with the tracker, it also sees an exit that came
+        # before this point (a pid opened now could be gone, or recycled).
+        if self.tracker is not None:
+            self._pidfd = self.tracker.exit_fd
+            asyncio.get_running_loop().add_reader(self._pidfd, self._on_exit)
 
     def _on_exit(self) -> None:
         self._close_pidfd()
@@ -179,8 +179,7 @@ class ManagedSession:
     def _close_pidfd(self) -> None:
         if self._pidfd < 0:
             return
-        asyncio.get_running_loop().remove_reader(self._pidfd)
-        os.close(self._pidfd)
+        asyncio.get_running_loop().remove_reader(self._pidfd)  # the tracker closes the fd
         self._pidfd = -1
 
     async def harvest_now(self) -> Harvested:

@@ -105,9 +105,9 @@ class Tracker:
         except BaseException:
             self._process.close()
             raise
-        self._mm_fingerprint = mm_fingerprint(identity.pid)
-        self._mm_checked_ns = time.perf_counter_ns()
-        try:
+        try:  # from here on a failure (the target may die at any point) closes what is open
+            self._mm_fingerprint = mm_fingerprint(identity.pid)
+            self._mm_checked_ns = time.perf_counter_ns()
             features = uffd.api()
             if UffdFeature.WP_ASYNC not in features:
                 raise FeatureUnavailable(0, "the userfaultfd lacks WP_ASYNC")
@@ -132,6 +132,11 @@ class Tracker:
     def has_exited(self) -> bool:
         """Whether the target has exited (a zombie counts); never blocks."""
         return self._process.has_exited()
+
+    @property
+    def exit_fd(self) -> int:
+        """The tracker's pidfd of the target: readable once it has exited (for event loops; do not close)."""
+        return self._process.fileno()
 
     def add_ranges(self, ranges: Iterable[tuple[int, int]] | RegionArray) -> None:
         """Track more explicit ranges; they are reported as written by the next harvest."""
