@@ -97,6 +97,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         while stub.GetSession(pb.GetSessionRequest(session_id=ended.session_id)).state != pb.SESSION_STATE_ENDED:
             assert time.monotonic() < deadline
             time.sleep(0.01)
+        # The injection helper lives as long as the daemon: started before the fd baseline.
+        warm = stub.CreateSession(
+            pb.CreateSessionRequest(pid=victim.pid, attach_mode=pb.ATTACH_MODE_INJECT, auto_ranges=True),
+            timeout=CALL_TIMEOUT_S,
+        )
+        stub.DeleteSession(pb.DeleteSessionRequest(session_id=warm.session_id), timeout=CALL_TIMEOUT_S)
         pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
         yield World(daemon, stub, target, live.session_id, ended.session_id, victim, pid_max)
     finally:
@@ -385,7 +391,10 @@ def test_drawn_requests_get_documented_answers_and_change_nothing(world: World) 
     _healthy(w)
     assert _snapshot(w) == before
     _tracks_exactly(w)
-    assert _settled_fds(w, baseline_fds) <= baseline_fds
+    n_fds = _settled_fds(w, baseline_fds)
+    assert n_fds <= baseline_fds, {
+        fd: os.readlink(f"/proc/{w.daemon.pid}/fd/{fd}") for fd in os.listdir(f"/proc/{w.daemon.pid}/fd")
+    }
 
 
 def test_oversized_messages_are_refused_and_nothing_changes(world: World) -> None:
