@@ -56,9 +56,13 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "RemoveRanges": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
     "Subscribe": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.RESOURCE_EXHAUSTED},
     "Harvest": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
+    "Flush": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
+    "CreateView": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED},
+    "ListViews": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND},
+    "DeleteView": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
     "Scan": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
-    "GetWriteWatch": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
-    "ResetWriteWatch": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION},
+    "GetWriteWatch": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED},
+    "ResetWriteWatch": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED},
     "GetDirtyRate": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND},
     "GetCapabilities": {S.OK},
 }
@@ -197,9 +201,12 @@ def _requests(w: World) -> st.SearchStrategy[tuple[str, Any]]:
     return st.one_of(
         create.map(lambda r: ("CreateSession", r)),
         sid.map(lambda i: ("GetSession", pb.GetSessionRequest(session_id=i))),
-        st.builds(lambda n, t: pb.ListSessionsRequest(page_size=n, page_token=t), u32, st.one_of(_text(), sid)).map(
-            lambda r: ("ListSessions", r)
-        ),
+        st.builds(
+            lambda n, t, e: pb.ListSessionsRequest(page_size=n, page_token=t, include_ended=e),
+            u32,
+            st.one_of(_text(), sid),
+            st.booleans(),
+        ).map(lambda r: ("ListSessions", r)),
         _session_ids(w, existing=False).map(lambda i: ("DeleteSession", pb.DeleteSessionRequest(session_id=i))),
         st.builds(lambda i, r: pb.AddRangesRequest(session_id=i, ranges=r), sid, _ranges(w)).map(
             lambda r: ("AddRanges", r)
@@ -211,6 +218,14 @@ def _requests(w: World) -> st.SearchStrategy[tuple[str, Any]]:
             lambda r: ("Subscribe", r)
         ),
         sid.map(lambda i: ("Harvest", pb.HarvestRequest(session_id=i))),
+        sid.map(lambda i: ("Flush", pb.FlushRequest(session_id=i))),
+        st.builds(lambda i, v: pb.CreateViewRequest(session_id=i, view_id=v), sid, _text()).map(
+            lambda r: ("CreateView", r)
+        ),
+        sid.map(lambda i: ("ListViews", pb.ListViewsRequest(session_id=i))),
+        st.builds(lambda i, v: pb.DeleteViewRequest(session_id=i, view_id=v), sid, _text()).map(
+            lambda r: ("DeleteView", r)
+        ),
         st.builds(
             lambda i, a, b, m, y, v, rm, mp: pb.ScanRequest(
                 session_id=i,
@@ -292,6 +307,8 @@ def _call(w: World, method: str, request: Any) -> tuple[grpc.StatusCode, str]:
         w.stub.DeleteSession(pb.DeleteSessionRequest(session_id=reply.session_id), timeout=CALL_TIMEOUT_S)
     elif method in ("AddRanges", "RemoveRanges") and request.session_id == w.session_id:
         _restore_ranges(w)
+    elif method == "CreateView" and reply.created:
+        w.stub.DeleteView(pb.DeleteViewRequest(session_id=request.session_id, view_id=request.view_id))
     return S.OK, ""
 
 
@@ -388,6 +405,8 @@ def test_drawn_requests_get_documented_answers_and_change_nothing(world: World) 
     print("seconds per RPC: " + ", ".join(f"{m} {t:.2f}" for m, t in w.seconds.most_common()))
     assert n_fuzzed >= FUZZ_CASES
     assert {m for m, _ in w.counts} >= set(ALLOWED), "some RPC was never fuzzed"
+    service = pb.DESCRIPTOR.services_by_name["WriteWatch"]
+    assert {m.name for m in service.methods} == set(ALLOWED), "an RPC without a row in ALLOWED is not fuzzed"
     _healthy(w)
     assert _snapshot(w) == before
     _tracks_exactly(w)

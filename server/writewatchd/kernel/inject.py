@@ -97,6 +97,7 @@ import ctypes
 import errno
 import json
 import os
+import select
 import signal
 import socket
 import struct
@@ -712,6 +713,10 @@ def _prioritized() -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, previous)
 
 
+# How long a refused PTRACE_SEIZE waits to tell a dying target from a forbidden one.
+_EXITING_GRACE_S = 0.2
+
+
 def _stop(
     pid: int, tid: int, deadline_ns: int, compiled: _CSession | None, *, gadget: int, mem_fd: int, pidfd: int
 ) -> _Session | _CSession:
@@ -722,6 +727,10 @@ def _stop(
         tracer = read_status(pid).tracer_pid
         if tracer:
             raise InjectionRefused(errno.EBUSY, f"process {pid} is already traced by process {tracer}") from None
+        # A thread that is exiting refuses PTRACE_SEIZE with EPERM too: a dying target is gone,
+        # not forbidden (its pidfd turns readable once the exit completes).
+        if select.select([pidfd], [], [], _EXITING_GRACE_S)[0]:
+            raise ProcessGone(errno.ESRCH, f"process {pid} exited during injection") from None
         raise
     if compiled is not None:
         if not compiled.stop(deadline_ns):
