@@ -26,9 +26,9 @@ import numpy.typing as npt
 import pytest
 
 from writewatchd import AccessDenied, FeatureUnavailable, InjectionRefused, ProcessGone
-from writewatchd.kernel import _window, inject
 from writewatchd.kernel._libc import syscall
-from writewatchd.kernel.inject import InjectionResult, inject_userfaultfd
+from writewatchd.kernel.inject import InjectionResult, _window, attach, inject_userfaultfd
+from writewatchd.kernel.inject import helper as inject_helper
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.uffd import Userfaultfd, is_userfaultfd
 
@@ -47,7 +47,7 @@ def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     chosen = str(request.param)
     if chosen == "c" and _window.load() is None:
         pytest.skip("the compiled injection window cannot be built here")
-    monkeypatch.setattr(inject, "DEFAULT_WINDOW", chosen)
+    monkeypatch.setattr(inject_helper, "DEFAULT_WINDOW", chosen)
     return chosen
 
 
@@ -260,7 +260,7 @@ def test_epoll_thread_stopped_anyway_sees_no_eintr(
     # The race the vetting cannot close: the thread entered epoll_wait after it was chosen.
     target = launch("--threads=epoll")
     epoll = target.tids["epoll"]
-    monkeypatch.setattr(inject, "_TEST_UNVETTED_TID", True)
+    monkeypatch.setattr(inject_helper, "_TEST_UNVETTED_TID", True)
     for _ in range(5):
         result = inject_userfaultfd(target.pid, tid=epoll)
         result.uffd.close()
@@ -305,7 +305,7 @@ def test_signal_arriving_in_the_window_is_delivered_once(
     launch: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = launch()
-    monkeypatch.setattr(inject, "_TEST_PAUSE_IN_WINDOW_S", 0.3)
+    monkeypatch.setattr(inject_helper, "_TEST_PAUSE_IN_WINDOW_S", 0.3)
     results: list[InjectionResult] = []
     injector = threading.Thread(target=lambda: results.append(inject_userfaultfd(target.pid)))
     injector.start()
@@ -322,7 +322,7 @@ def test_sigstop_in_the_window_leaves_the_target_stopped(
     launch: Callable[..., Target], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     target = launch()
-    monkeypatch.setattr(inject, "_TEST_PAUSE_IN_WINDOW_S", 0.3)
+    monkeypatch.setattr(inject_helper, "_TEST_PAUSE_IN_WINDOW_S", 0.3)
     results: list[InjectionResult] = []
     injector = threading.Thread(target=lambda: results.append(inject_userfaultfd(target.pid)))
     injector.start()
@@ -417,8 +417,8 @@ def test_thread_that_never_stops_is_released_at_the_deadline(
     target = launch("--threads=vfork", "--vfork-seconds=2")
     vfork_tid = target.tids["vfork"]
     wait_for(lambda: Path(f"/proc/{target.pid}/task/{vfork_tid}/stat").read_text().split(") ")[1][0] == "D")
-    helper_before = inject._helper_pid()
-    monkeypatch.setattr(inject, "_TEST_UNVETTED_TID", True)
+    helper_before = inject_helper._helper_pid()
+    monkeypatch.setattr(inject_helper, "_TEST_UNVETTED_TID", True)
     with pytest.raises(InjectionRefused, match=r"did not stop before the deadline \(state D"):
         inject_userfaultfd(target.pid, tid=vfork_tid, deadline_s=0.2)
     # The helper exited to release the thread; a fresh one serves the next request.
@@ -427,7 +427,7 @@ def test_thread_that_never_stops_is_released_at_the_deadline(
     # Once out of D state, the thread carries on (into its nanosleep), neither stopped nor failed.
     wait_for(lambda: target.thread_syscall(vfork_tid) in {str(NR_NANOSLEEP), str(NR_RESTART_SYSCALL)})
     assert_unharmed(target)
-    assert inject._helper_pid() != helper_before
+    assert inject_helper._helper_pid() != helper_before
 
 
 def test_thread_inside_an_rseq_critical_section_keeps_its_abort(launch: Callable[..., Target]) -> None:
@@ -470,13 +470,13 @@ def _inject_as_nobody(pid: int, window: str) -> str:
     """
     code = (
         "import ctypes, os, sys\n"
-        "from writewatchd.kernel import _window, inject\n"
+        "from writewatchd.kernel.inject import _window, attach\n"
         "_window.load()\n"
         "os.setgroups([]); os.setresgid(65534, 65534, 65534); os.setresuid(65534, 65534, 65534)\n"
         "ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # PR_SET_DUMPABLE: changing uid cleared it\n"
         "try:\n"
         "    request = {'pid': int(sys.argv[1]), 'deadline_s': 1.0, 'window': sys.argv[2]}\n"
-        "    reply, fds = inject._inject_running(request)\n"
+        "    reply, fds = attach.inject_running(request)\n"
         "    print('ok', reply['tid'], reply['window'], os.readlink(f'/proc/self/fd/{fds[0]}'))\n"
         "except Exception as e:\n"
         "    print(type(e).__name__, e)\n"
@@ -513,12 +513,11 @@ def test_unprivileged_injector_is_denied_a_root_target(launch: Callable[..., Tar
 
 _DAEMON = """
 import sys
-from writewatchd.kernel import _window, inject
-from writewatchd.kernel._libc import syscall
-inject._TEST_PAUSE_IN_WINDOW_S = 1.5
-inject.DEFAULT_WINDOW = sys.argv[2]
-print(inject._helper_pid(), flush=True)
-inject.inject_userfaultfd(int(sys.argv[1]))
+from writewatchd.kernel.inject import helper
+helper._TEST_PAUSE_IN_WINDOW_S = 1.5
+helper.DEFAULT_WINDOW = sys.argv[2]
+print(helper._helper_pid(), flush=True)
+helper.inject_userfaultfd(int(sys.argv[1]))
 print("done", flush=True)
 """
 
@@ -629,11 +628,11 @@ def test_without_a_compiler_the_python_window_runs(
     assert _window.load() is None
     target = launch()
     # In this process (the helper has its window loaded already).
-    reply, fds = inject._inject_running({"pid": target.pid, "deadline_s": 1.0, "window": window})
+    reply, fds = attach.inject_running({"pid": target.pid, "deadline_s": 1.0, "window": window})
     os.close(fds[0])
     assert reply["window"] == "python"
     with pytest.raises(FeatureUnavailable, match="compiled injection window"):
-        inject._inject_running({"pid": target.pid, "deadline_s": 1.0, "window": "c"})
+        attach.inject_running({"pid": target.pid, "deadline_s": 1.0, "window": "c"})
     assert_unharmed(target)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from writewatchd.kernel import _window, inject
+from writewatchd.kernel.inject import _window
+from writewatchd.kernel.inject import helper as inject_helper
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.procfs import read_maps
 from writewatchd.kernel.spawn import spawn_tracked
@@ -24,7 +25,7 @@ def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     chosen = str(request.param)
     if chosen == "c" and _window.load() is None:
         pytest.skip("the compiled injection window cannot be built here")
-    monkeypatch.setattr(inject, "DEFAULT_WINDOW", chosen)
+    monkeypatch.setattr(inject_helper, "DEFAULT_WINDOW", chosen)
     return chosen
 
 

@@ -21,7 +21,7 @@ from .._exceptions import (
     RangeBusy,
 )
 
-__all__ = ["SYS", "ioctl", "libc", "raise_errno", "retain_freed_memory", "syscall"]
+__all__ = ["SYS", "check", "ioctl", "libc", "raise_errno", "retain_freed_memory", "syscall"]
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -67,13 +67,36 @@ def raise_errno(
     *,
     classes: Mapping[int, type[KernelError]] | None = None,
     hint: str = "",
+    hints: Mapping[int, str] | None = None,
 ) -> NoReturn:
-    """Raise the domain exception for ``err``; ``classes`` overrides the defaults per call."""
+    """Raise the domain exception for ``err``.
+
+    ``classes`` overrides the default class per errno; the message ends with ``hints[err]``
+    when there is one, else with ``hint``.
+    """
     cls = (classes or {}).get(err) or _DEFAULT_CLASSES.get(err, KernelError)
     message = f"{what}: {os.strerror(err)}"
+    hint = (hints or {}).get(err, hint)
     if hint:
         message = f"{message} ({hint})"
     raise cls(err, message)
+
+
+def check(
+    result: int,
+    what: str,
+    *,
+    classes: Mapping[int, type[KernelError]] | None = None,
+    hint: str = "",
+    hints: Mapping[int, str] | None = None,
+) -> int:
+    """``result`` of :func:`syscall`, :func:`ioctl` or alike when it is not an error, else raise.
+
+    The -errno convention of the raw calls ends here: callers get a value or an exception.
+    """
+    if result < 0:
+        raise_errno(-result, what, classes=classes, hint=hint, hints=hints)
+    return result
 
 
 def ioctl(fd: int, request: int, arg: Any) -> int:

@@ -7,37 +7,41 @@ import os
 import select
 
 from .._exceptions import AccessDenied, ProcessGone
-from ._libc import SYS, raise_errno, syscall
+from ._libc import SYS, check, syscall
 
-__all__ = ["ProcessHandle", "pidfd_getfd", "pidfd_open"]
+__all__ = ["ProcessHandle", "check_getfd", "pidfd_getfd", "pidfd_open"]
 
 
 def pidfd_open(pid: int) -> int:
     """A pidfd for ``pid`` (close it with ``os.close``)."""
-    fd = syscall(SYS["pidfd_open"], pid, 0)
-    if fd < 0:
-        raise_errno(-fd, f"pidfd_open({pid})", classes={errno.EINVAL: ProcessGone})
-    return fd
+    return check(syscall(SYS["pidfd_open"], pid, 0), f"pidfd_open({pid})", classes={errno.EINVAL: ProcessGone})
 
 
-def pidfd_getfd(pid: int, target_fd: int) -> int:
+def pidfd_getfd(pid: int, target_fd: int, *, pidfd: int | None = None) -> int:
     """A duplicate, in this process, of file descriptor ``target_fd`` of process ``pid``.
 
-    Needs PTRACE_MODE_ATTACH_REALCREDS access to the target. The copy is close-on-exec.
+    ``pidfd``, when given, is an open pidfd of ``pid`` to use (else one is opened and
+    closed). Needs PTRACE_MODE_ATTACH_REALCREDS access to the target. The copy is
+    close-on-exec.
     """
-    pidfd = pidfd_open(pid)
+    if pidfd is not None:
+        return check_getfd(syscall(SYS["pidfd_getfd"], pidfd, target_fd, 0), pid=pid, target_fd=target_fd)
+    own = pidfd_open(pid)
     try:
-        fd = syscall(SYS["pidfd_getfd"], pidfd, target_fd, 0)
+        fd = syscall(SYS["pidfd_getfd"], own, target_fd, 0)
     finally:
-        os.close(pidfd)
-    if fd < 0:
-        raise_errno(
-            -fd,
-            f"pidfd_getfd(pid {pid}, fd {target_fd})",
-            classes={errno.EPERM: AccessDenied},
-            hint="the target has no such fd" if -fd == errno.EBADF else "",
-        )
-    return fd
+        os.close(own)
+    return check_getfd(fd, pid=pid, target_fd=target_fd)
+
+
+def check_getfd(result: int, *, pid: int, target_fd: int) -> int:
+    """The fd a ``pidfd_getfd`` call answered (made here or by the compiled window), else raise."""
+    return check(
+        result,
+        f"pidfd_getfd(pid {pid}, fd {target_fd})",
+        classes={errno.EPERM: AccessDenied},
+        hints={errno.EBADF: "the target has no such fd"},
+    )
 
 
 class ProcessHandle:

@@ -1,8 +1,13 @@
-"""Typed readers of ``/proc/PID`` files: maps, stat (identity), status, threads."""
+"""Typed readers of ``/proc/PID`` files: maps, stat, status, threads.
+
+Each file has one parser here (as psutil's ``_parse_stat_file``); no other module splits
+their text.
+"""
 
 from __future__ import annotations
 
 import enum
+import errno
 import os
 from dataclasses import dataclass
 
@@ -14,8 +19,12 @@ __all__ = [
     "mm_fingerprint",
     "MappingPerm",
     "ProcessIdentity",
+    "ProcessStat",
     "ProcessStatus",
+    "SeccompMode",
+    "parse_stat",
     "read_maps",
+    "read_stat",
     "read_status",
     "thread_ids",
 ]
@@ -72,17 +81,18 @@ def _perms(text: str) -> MappingPerm:
     return perms
 
 
-def _read(pid: int | str, name: str) -> str:
-    path = f"/proc/{pid}/{name}"
+def _read(pid: int | str, name: str, tid: int | None = None) -> str:
+    """The text of ``/proc/PID/NAME`` (``/proc/PID/task/TID/NAME`` for one thread)."""
+    path = f"/proc/{pid}/{name}" if tid is None else f"/proc/{pid}/task/{tid}/{name}"
     try:
         with open(path) as f:
             return f.read()
     except FileNotFoundError as exc:
-        raise ProcessGone(exc.errno or 2, f"{path}: process {pid} does not exist") from None
+        raise ProcessGone(exc.errno or errno.ENOENT, f"{path}: process {pid} does not exist") from None
     except PermissionError as exc:
-        raise AccessDenied(exc.errno or 13, f"{path}: permission denied") from None
+        raise AccessDenied(exc.errno or errno.EACCES, f"{path}: permission denied") from None
     except OSError as exc:
-        raise_errno(exc.errno or 5, f"read {path}")
+        raise_errno(exc.errno or errno.EIO, f"read {path}")
 
 
 def parse_maps(text: str) -> list[Mapping]:
@@ -112,6 +122,53 @@ def read_maps(pid: int | str = "self") -> list[Mapping]:
     return parse_maps(_read(pid, "maps"))
 
 
+@dataclass(frozen=True, slots=True)
+class ProcessStat:
+    """The fields of ``/proc/PID/stat`` (or of one thread's) that we use; addresses in bytes."""
+
+    pid: int
+    comm: str
+    #: The state letter: R, S, D, T (group-stopped), t (tracing stop), Z, X...
+    state: str
+    start_time_ticks: int
+    start_code: int
+    end_code: int
+    start_stack: int
+    arg_start: int
+
+    @property
+    def is_dead(self) -> bool:
+        """A zombie, or a task being torn down."""
+        return self.state in ("Z", "X", "x")
+
+
+def parse_stat(text: str) -> ProcessStat:
+    """Parse the text of a ``/proc/PID/stat`` file."""
+    # comm (field 2) may contain spaces and parentheses: split after its last ')'.
+    close = text.rindex(")")
+    after_comm = text[close + 2 :].split()
+
+    def field(number: int) -> int:
+        # Numbered from 1 as in proc(5); after_comm starts at field 3.
+        return int(after_comm[number - 3])
+
+    return ProcessStat(
+        pid=int(text[: text.index("(")]),
+        comm=text[text.index("(") + 1 : close],
+        state=after_comm[0],
+        start_time_ticks=field(22),
+        start_code=field(26),
+        end_code=field(27),
+        start_stack=field(28),
+        arg_start=field(48),
+    )
+
+
+def read_stat(pid: int, tid: int | None = None) -> ProcessStat:
+    """``/proc/PID/stat``, or ``/proc/PID/task/TID/stat`` when ``tid`` is given."""
+    return parse_stat(_read(pid, "stat", tid))
+
+
 @dataclass(frozen=True, slots=True, order=True)
 class ProcessIdentity:
     """A process as pid plus start time (clock ticks after boot), so a recycled pid never matches."""
@@ -122,27 +179,29 @@ class ProcessIdentity:
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity:
         """The identity of the live process ``pid``."""
-        stat = _read(pid, "stat")
-        # comm (field 2) may contain spaces and parentheses: split after its last ')'.
-        after_comm = stat[stat.rindex(")") + 2 :].split()
-        return cls(pid, int(after_comm[19]))
+        return cls(pid, read_stat(pid).start_time_ticks)
 
     def is_alive(self) -> bool:
         """Whether this very process still exists (and is not a zombie)."""
         try:
-            stat = _read(self.pid, "stat")
+            stat = read_stat(self.pid)
         except (ProcessGone, AccessDenied):
             return False
-        after_comm = stat[stat.rindex(")") + 2 :].split()
-        return int(after_comm[19]) == self.start_time_ticks and after_comm[0] not in ("Z", "X")
+        return stat.start_time_ticks == self.start_time_ticks and stat.state not in ("Z", "X")
 
 
 def mm_fingerprint(pid: int) -> tuple[int, ...]:
     """Addresses an execve re-chooses (code, stack, argument block): they change when the mm is replaced."""
-    stat = _read(pid, "stat")
-    fields = stat[stat.rindex(")") + 2 :].split()
-    # start_code, end_code, start_stack (fields 26-28) and arg_start (48), counted from 1.
-    return tuple(int(fields[i - 3]) for i in (26, 27, 28, 48))
+    stat = read_stat(pid)
+    return (stat.start_code, stat.end_code, stat.start_stack, stat.arg_start)
+
+
+class SeccompMode(enum.IntEnum):
+    """The ``Seccomp`` field of ``/proc/PID/status``."""
+
+    DISABLED = 0
+    STRICT = 1
+    FILTER = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,22 +211,25 @@ class ProcessStatus:
     name: str
     state: str
     tracer_pid: int
-    seccomp_mode: int
+    seccomp_mode: SeccompMode
+    #: How many seccomp filters are attached (-1 when the kernel does not say).
+    n_seccomp_filters: int
     effective_uid: int
     n_threads: int
 
 
-def read_status(pid: int | str = "self") -> ProcessStatus:
-    """Parse ``/proc/PID/status``."""
+def read_status(pid: int | str = "self", tid: int | None = None) -> ProcessStatus:
+    """Parse ``/proc/PID/status`` (``/proc/PID/task/TID/status`` when ``tid`` is given)."""
     fields: dict[str, str] = {}
-    for line in _read(pid, "status").splitlines():
+    for line in _read(pid, "status", tid).splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     return ProcessStatus(
         name=fields.get("Name", ""),
         state=fields.get("State", "?")[:1],
         tracer_pid=int(fields.get("TracerPid", "0")),
-        seccomp_mode=int(fields.get("Seccomp", "0")),
+        seccomp_mode=SeccompMode(int(fields.get("Seccomp", "0"))),
+        n_seccomp_filters=int(fields.get("Seccomp_filters", "-1")),
         effective_uid=int(fields.get("Uid", "0 0").split()[1]),
         n_threads=int(fields.get("Threads", "1")),
     )
@@ -178,4 +240,4 @@ def thread_ids(pid: int) -> list[int]:
     try:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
-        raise ProcessGone(2, f"process {pid} does not exist") from None
+        raise ProcessGone(errno.ENOENT, f"process {pid} does not exist") from None

@@ -166,9 +166,9 @@ class WaitStatus:
         return os.WSTOPSIG(self.raw) if self.stopped else 0
 
     @property
-    def event(self) -> int:
-        """The ``PTRACE_EVENT_*`` of a stop, 0 for a signal-delivery-stop."""
-        return (self.raw >> 16) & 0xFFFF if self.stopped else 0
+    def event(self) -> PtraceEvent:
+        """The ``PTRACE_EVENT_*`` of a stop; NONE for a signal-delivery-stop."""
+        return PtraceEvent((self.raw >> 16) & 0xFFFF) if self.stopped else PtraceEvent.NONE
 
     @property
     def is_group_stop(self) -> bool:
@@ -181,7 +181,7 @@ class WaitStatus:
             return f"exited with status {os.WEXITSTATUS(self.raw)}"
         if os.WIFSIGNALED(self.raw):
             return f"killed by {signal.Signals(os.WTERMSIG(self.raw)).name}"
-        return f"stopped by signal {self.stop_signal}, event {self.event}"
+        return f"stopped by signal {self.stop_signal}, event {self.event.value}"
 
 
 _ptrace = libc.ptrace

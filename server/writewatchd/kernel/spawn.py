@@ -22,17 +22,22 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
-from .._exceptions import KernelError, UsageError
-from . import inject
-from .inject import _HELPER, _HELPER_GRACE_S
-from .ptrace import require_x86_64
+from .._exceptions import KernelError, ProcessGone, UsageError
+from .inject import helper
+from .inject.attach import find_vdso_gadget, open_mem
+from .inject.window import CompiledWindow, PythonWindow, open_window, prioritized, seccomp_check, steal_uffd
+from .pidfd import pidfd_open
+from .procfs import read_stat
+from .ptrace import PtraceEvent, PtraceOption, WaitStatus, interrupt, require_x86_64, resume, seize, wait_stop
 from .uffd import Userfaultfd
 
-__all__ = ["SpawnedProcess", "spawn_tracked"]
+__all__ = ["SpawnedProcess", "spawn_inject", "spawn_tracked"]
 
 _TRAMPOLINE = 'kill -STOP $$ && exec "$@"'
 
@@ -137,15 +142,15 @@ def spawn_tracked(
             callback_error.append(exc)
 
     try:
-        reply, fds = _HELPER.call(
+        reply, fds = helper.HELPER.call(
             {
                 "op": "spawn",
                 "pid": popen.pid,
                 "deadline_s": deadline_s,
                 "pause_before_start": True,
-                "window": inject.DEFAULT_WINDOW,
+                "window": helper.DEFAULT_WINDOW,
             },
-            timeout_s=deadline_s + _HELPER_GRACE_S,
+            timeout_s=deadline_s + helper.HELPER_GRACE_S,
             on_stopped=on_stopped,
         )
         for fd in fds:
@@ -162,3 +167,91 @@ def spawn_tracked(
         popen.wait()
         raise
     return SpawnedProcess(popen, received[0], int(reply["stop_ns"]), str(reply["window"]))
+
+
+# --------------------------------------------------------------------------- in the injection helper
+
+
+def _wait_group_stopped(pid: int, deadline_ns: int) -> None:
+    while True:
+        try:
+            state = read_stat(pid).state
+        except ProcessGone:
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} vanished before exec") from None
+        if state == "T":
+            return
+        if state in ("Z", "X"):
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} exited before exec")
+        if time.monotonic_ns() >= deadline_ns:
+            raise KernelError(errno.ETIMEDOUT, f"spawned process {pid} did not reach its pre-exec stop")
+        time.sleep(0.0002)
+
+
+def _run_to_exec(pid: int, deadline_ns: int) -> WaitStatus:
+    """Seize the self-stopped trampoline, continue it, and stop the new program before its first instruction.
+
+    The exec event itself is no place to inject: the thread is still inside ``execve``, whose
+    return value would overwrite our ``rax``. An interrupt queued at that stop traps the
+    thread in ``get_signal()`` on its way out to user mode; that stop is returned.
+    """
+    seize(pid, PtraceOption.TRACEEXEC | PtraceOption.EXITKILL)
+    os.kill(pid, signal.SIGCONT)
+    exec_seen = False
+    while True:
+        status = wait_stop(pid, deadline_ns)
+        if status is None:
+            raise KernelError(errno.ETIMEDOUT, f"spawned process {pid} did not exec in time")
+        if status.gone:
+            raise ProcessGone(errno.ESRCH, f"spawned process {pid} {status.describe()} before exec")
+        if status.event == PtraceEvent.EXEC:
+            exec_seen = True
+            interrupt(pid)
+        elif exec_seen and status.event == PtraceEvent.STOP and status.stop_signal == signal.SIGTRAP:
+            return status
+        resume(pid, 0 if status.event != PtraceEvent.NONE else status.stop_signal)
+
+
+def spawn_inject(
+    request: dict[str, Any], send: Callable[[dict[str, Any], list[int]], None], receive: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any], list[int]]:
+    """Serve a ``spawn`` request (in the helper): inject into the stopped trampoline's new program.
+
+    The stolen uffd is handed over with a ``stopped`` message (``send``) while the program is
+    still stopped; ``receive`` waits for the caller's go-ahead.
+    """
+    pid = int(request["pid"])
+    deadline_ns = time.monotonic_ns() + int(float(request["deadline_s"]) * 1e9)
+    _wait_group_stopped(pid, deadline_ns)
+    first_stop = _run_to_exec(pid, deadline_ns)
+    started_ns = time.monotonic_ns()
+
+    def hand_over(fd: int) -> None:
+        try:
+            send({"phase": "stopped"}, [fd])
+        finally:
+            os.close(fd)
+        receive()
+
+    mem_fd = open_mem(pid)
+    pidfd = -1
+    try:
+        pidfd = pidfd_open(pid)
+        gadget = find_vdso_gadget(pid, mem_fd)
+        window = str(request.get("window") or "auto")
+        session: PythonWindow | CompiledWindow | None
+        session = open_window(pid, pid, window, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+        seccomp = seccomp_check(pid, pid, gadget)
+        with prioritized():
+            if isinstance(session, CompiledWindow):
+                session.adopt(first_stop)
+            else:
+                session = PythonWindow(pid, pid, first_stop, gadget=gadget, mem_fd=mem_fd, pidfd=pidfd)
+            stolen = steal_uffd(
+                session, seccomp, before_detach=hand_over if request.get("pause_before_start") else None
+            )
+    finally:
+        os.close(mem_fd)
+        if pidfd >= 0:
+            os.close(pidfd)
+    reply = {"phase": "done", "stop_ns": time.monotonic_ns() - started_ns, "window": session.window}
+    return reply, [] if stolen < 0 else [stolen]

@@ -11,13 +11,15 @@ writable by nobody else, and so must the library; otherwise, or without a compil
 the compilation fails, :func:`load` logs one warning and returns None, and the injection
 runs the Python window instead (same decisions, about 2x the stop time).
 
-:class:`WindowState` mirrors ``struct ww_window``; the C functions return :data:`WW_OK` and
-the ``WW_*`` codes below.
+:class:`WindowState` mirrors ``struct ww_window``; the C functions return a
+:class:`WindowResult` (``enum ww_result``), and :class:`WindowCall` (``enum ww_call``) names the
+call that failed.
 """
 
 from __future__ import annotations
 
 import ctypes
+import enum
 import functools
 import hashlib
 import logging
@@ -28,39 +30,54 @@ import subprocess
 from pathlib import Path
 
 __all__ = [
-    "WW_ERROR",
-    "WW_GONE",
     "WW_MAX_HELD",
-    "WW_OK",
-    "WW_STUCK",
-    "WW_TIMEOUT",
-    "CALL_NAMES",
+    "WindowCall",
+    "WindowResult",
     "WindowState",
     "load",
 ]
 
 _log = logging.getLogger(__name__)
 
-WW_OK, WW_ERROR, WW_GONE, WW_TIMEOUT, WW_STUCK = range(5)
+
+class WindowResult(enum.IntEnum):
+    """``enum ww_result``: what a call of the compiled window answers."""
+
+    OK = 0
+    #: A call failed: :attr:`WindowState.failed_call` and ``failed_errno`` say which and how.
+    ERROR = 1
+    #: The thread exited or was killed (its wait status is in :attr:`WindowState.status`).
+    GONE = 2
+    #: The stop deadline passed before the thread stopped.
+    TIMEOUT = 3
+    #: An injected syscall did not finish within the step limit.
+    STUCK = 4
+
+
+class WindowCall(enum.IntEnum):
+    """``enum ww_call``: the ptrace request (or other call) that failed."""
+
+    NOTHING = 0
+    PTRACE_INTERRUPT = 1
+    WAITPID = 2
+    PTRACE_GETREGS = 3
+    PTRACE_SETREGS = 4
+    PTRACE_SETOPTIONS = 5
+    PTRACE_GET_RSEQ_CONFIGURATION = 6
+    PTRACE_SINGLESTEP = 7
+    PTRACE_GETSIGINFO = 8
+    PTRACE_SETSIGINFO = 9
+    PTRACE_DETACH = 10
+    MEM_WRITE = 11
+
+    def describe(self) -> str:
+        """The call as an error message names it."""
+        return {WindowCall.WAITPID: "waitpid", WindowCall.MEM_WRITE: "write to /proc/PID/mem"}.get(self, self.name)
+
+
 WW_MAX_HELD = 64
 _N_REGS = 27
 _MAX_EINTR_PRONE = 31
-
-#: ``enum ww_call``: the ptrace request (or other call) that failed, for error messages.
-CALL_NAMES = (
-    "nothing",
-    "PTRACE_INTERRUPT",
-    "waitpid",
-    "PTRACE_GETREGS",
-    "PTRACE_SETREGS",
-    "PTRACE_SETOPTIONS",
-    "PTRACE_GET_RSEQ_CONFIGURATION",
-    "PTRACE_SINGLESTEP",
-    "PTRACE_GETSIGINFO",
-    "PTRACE_SETSIGINFO",
-    "PTRACE_DETACH",
-    "write to /proc/PID/mem",
-)
 
 _SOURCE = Path(__file__).with_name("_window.c")
 _CFLAGS = ("-O2", "-shared", "-fPIC", "-Wall", "-Werror")
