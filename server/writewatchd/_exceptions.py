@@ -18,8 +18,11 @@ Every error the package raises on purpose is one of these::
         ├── AccessDenied                the caller may not inspect or control the target
         └── InjectionRefused            injection was refused before the target was touched
 
-errno is turned into these at one boundary, :func:`writewatchd.kernel._libc.raise_errno`,
-so no other module inspects errno numbers.
+errno is turned into these at one boundary, :func:`writewatchd.kernel._libc.raise_errno`
+(and ``check``, for the raw calls' -errno results); callers choose classes and hints per
+errno there. Two readers remain outside it, on purpose: PAGEMAP_SCAN's own mapping, whose
+EINVAL and EFAULT mean a usage error or a missing feature depending on the arguments, and
+the probe, which reports ENOTTY as a missing interface.
 """
 
 from __future__ import annotations

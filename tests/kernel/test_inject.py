@@ -649,3 +649,17 @@ def test_no_code_is_loaded_from_a_cache_others_may_write(
     cache.chmod(0o700)
     assert _window.load.__wrapped__() is not None
     assert [path.suffix for path in cache.iterdir()] == [".so"]
+
+
+@pytest.mark.parametrize("window", ["auto"])
+def test_the_window_enums_mirror_the_c_source(window: str) -> None:
+    source = (Path(_window.__file__).parent / "_window.c").read_text()
+    results = re.search(r"enum ww_result \{([^}]*)\}", source)
+    calls = re.search(r"enum ww_call \{([^}]*)\}", source)
+    assert results is not None and calls is not None
+    c_results = dict(re.findall(r"WW_(\w+) = (\d+)", results.group(1)))
+    assert {name: int(value) for name, value in c_results.items()} == {r.name: r.value for r in _window.WindowResult}
+    c_calls = [name.strip() for name in calls.group(1).split(",") if name.strip()]
+    assert len(c_calls) == len(_window.WindowCall)
+    assert c_calls[_window.WindowCall.PTRACE_DETACH] == "WW_CALL_DETACH"
+    assert c_calls[_window.WindowCall.WAITPID] == "WW_CALL_WAIT"

@@ -10,7 +10,7 @@ import pytest
 
 from writewatchd import ProcessGone
 from writewatchd.kernel import MappingPerm, ProcessIdentity, read_maps, read_status, thread_ids
-from writewatchd.kernel.procfs import parse_maps
+from writewatchd.kernel.procfs import SeccompMode, parse_maps, parse_stat, read_stat
 
 from .conftest import MemFactory, mprotect
 
@@ -61,6 +61,28 @@ class TestMaps:
             read_maps(sleeper.pid)
 
 
+class TestStat:
+    def test_parse_stat_takes_comm_up_to_its_last_parenthesis(self) -> None:
+        fields = " ".join(str(n) for n in range(3, 53))  # field N holds N (state included, as "3")
+        stat = parse_stat(f"4242 (a) (b c) {fields}\n")
+        assert (stat.pid, stat.comm, stat.state) == (4242, "a) (b c", "3")
+        assert stat.start_time_ticks == 22
+        assert (stat.start_code, stat.end_code, stat.start_stack, stat.arg_start) == (26, 27, 28, 48)
+
+    def test_stat_of_a_child_and_of_its_thread(self, sleeper: subprocess.Popen[bytes]) -> None:
+        stat = read_stat(sleeper.pid)
+        assert (stat.pid, stat.comm) == (sleeper.pid, "sleep")
+        assert stat.state in ("S", "R")
+        assert read_stat(sleeper.pid, sleeper.pid).start_time_ticks == stat.start_time_ticks
+        assert stat.start_time_ticks == ProcessIdentity.of(sleeper.pid).start_time_ticks
+
+    def test_stat_of_a_gone_process(self, sleeper: subprocess.Popen[bytes]) -> None:
+        sleeper.kill()
+        sleeper.wait()
+        with pytest.raises(ProcessGone):
+            read_stat(sleeper.pid)
+
+
 class TestIdentityAndStatus:
     def test_identity_detects_exit(self, sleeper: subprocess.Popen[bytes]) -> None:
         identity = ProcessIdentity.of(sleeper.pid)
@@ -90,6 +112,9 @@ class TestIdentityAndStatus:
     def test_status_of_a_child(self, sleeper: subprocess.Popen[bytes]) -> None:
         status = read_status(sleeper.pid)
         assert (status.name, status.n_threads, status.tracer_pid) == ("sleep", 1, 0)
+        # A child inherits our seccomp filters (a container may have given us some).
+        assert isinstance(status.seccomp_mode, SeccompMode)
+        assert status.seccomp_mode == read_status().seccomp_mode
 
     def test_thread_ids_include_a_new_thread(self) -> None:
         started = threading.Event()

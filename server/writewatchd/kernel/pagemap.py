@@ -352,7 +352,7 @@ class PagemapScanner:
             err,
             what,
             classes={errno.EPERM: NotRegistered, errno.ESRCH: ProcessGone},
-            hint="CHECK_WPASYNC met memory without async write-protect" if err == errno.EPERM else "",
+            hints={errno.EPERM: "CHECK_WPASYNC met memory without async write-protect"},
         )
 
 

@@ -136,11 +136,6 @@ class ProcessStat:
     start_stack: int
     arg_start: int
 
-    @property
-    def is_dead(self) -> bool:
-        """A zombie, or a task being torn down."""
-        return self.state in ("Z", "X", "x")
-
 
 def parse_stat(text: str) -> ProcessStat:
     """Parse the text of a ``/proc/PID/stat`` file."""

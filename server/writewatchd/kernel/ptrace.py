@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from .._exceptions import FeatureUnavailable, ProcessGone
-from ._libc import libc, raise_errno
+from ._libc import check, libc
 
 __all__ = [
     "SIGINFO_SIZE",
@@ -204,9 +204,7 @@ def ptrace_raw(request: int, tid: int, addr: int | None = None, data: object = N
 
 
 def _check(result: int, what: str, tid: int) -> int:
-    if result < 0:
-        raise_errno(-result, f"{what} of thread {tid}")
-    return result
+    return check(result, f"{what} of thread {tid}")
 
 
 def seize(tid: int, options: PtraceOption | int = 0) -> None:
@@ -267,10 +265,15 @@ def setsiginfo(tid: int, siginfo: bytes) -> None:
 def get_rseq_configuration(tid: int) -> RseqConfig | None:
     """The thread's rseq registration, or None when it has none (or the kernel predates 5.13)."""
     conf = _RseqConfiguration()
-    result = ptrace_raw(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf), ctypes.addressof(conf))
-    if result == -errno.EIO:
+    try:
+        check(
+            ptrace_raw(PTRACE_GET_RSEQ_CONFIGURATION, tid, ctypes.sizeof(conf), ctypes.addressof(conf)),
+            f"PTRACE_GET_RSEQ_CONFIGURATION of thread {tid}",
+            # An unknown request: the kernel predates 5.13.
+            classes={errno.EIO: FeatureUnavailable},
+        )
+    except FeatureUnavailable:
         return None
-    _check(result, "PTRACE_GET_RSEQ_CONFIGURATION", tid)
     if not conf.rseq_abi_pointer:
         return None
     return RseqConfig(int(conf.rseq_abi_pointer), int(conf.signature))

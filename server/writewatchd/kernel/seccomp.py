@@ -17,8 +17,8 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .._exceptions import AccessDenied, UsageError
-from ._libc import raise_errno
+from .._exceptions import AccessDenied, KernelError, UsageError
+from ._libc import check
 from .ptrace import PTRACE_SECCOMP_GET_FILTER, ptrace_raw
 
 __all__ = [
@@ -104,25 +104,27 @@ class Verdict:
         return self.action.name
 
 
+class _NoSuchFilter(KernelError):
+    """The filter index is past the last filter: the dump is complete."""
+
+
 def dump_filters(tid: int) -> list[list[BpfInstruction]]:
     """The cBPF programs attached to stopped tracee ``tid``, most recently installed first."""
     filters: list[list[BpfInstruction]] = []
     index = 0
     while True:
-        n_instructions = ptrace_raw(PTRACE_SECCOMP_GET_FILTER, tid, index, None)
-        if n_instructions == -errno.ENOENT:
-            return filters
-        if n_instructions < 0:
-            raise_errno(
-                -n_instructions,
-                f"PTRACE_SECCOMP_GET_FILTER #{index} of thread {tid}",
-                classes={errno.EACCES: AccessDenied, errno.EMEDIUMTYPE: AccessDenied},
+        what = f"PTRACE_SECCOMP_GET_FILTER #{index} of thread {tid}"
+        try:
+            n_instructions = check(
+                ptrace_raw(PTRACE_SECCOMP_GET_FILTER, tid, index, None),
+                what,
+                classes={errno.ENOENT: _NoSuchFilter, errno.EACCES: AccessDenied, errno.EMEDIUMTYPE: AccessDenied},
                 hint="needs CAP_SYS_ADMIN (and a tracer that is not itself under seccomp)",
             )
+        except _NoSuchFilter:
+            return filters
         buffer = ctypes.create_string_buffer(8 * n_instructions)
-        got = ptrace_raw(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buffer))
-        if got < 0:
-            raise_errno(-got, f"PTRACE_SECCOMP_GET_FILTER #{index} of thread {tid}")
+        got = check(ptrace_raw(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buffer)), what)
         filters.append([BpfInstruction(*fields) for fields in struct.iter_unpack("<HBBI", buffer.raw[: 8 * got])])
         index += 1
 

@@ -14,7 +14,7 @@ import os
 import re
 
 from .._exceptions import FeatureUnavailable, InvalidRange, ProcessGone, UsageError
-from ._libc import SYS, ioctl, raise_errno, syscall
+from ._libc import SYS, check, ioctl, syscall
 from .pidfd import pidfd_getfd
 from .procfs import read_status
 
@@ -138,15 +138,11 @@ class Userfaultfd:
         if user_mode_only is None:
             user_mode_only = os.geteuid() != 0
         flags = os.O_CLOEXEC | os.O_NONBLOCK | (UFFD_USER_MODE_ONLY if user_mode_only else 0)
-        fd = syscall(SYS["userfaultfd"], flags)
-        if fd < 0:
-            raise_errno(
-                -fd,
-                "userfaultfd()",
-                hint="vm.unprivileged_userfaultfd=0 needs CAP_SYS_PTRACE or UFFD_USER_MODE_ONLY"
-                if -fd == errno.EPERM
-                else "",
-            )
+        fd = check(
+            syscall(SYS["userfaultfd"], flags),
+            "userfaultfd()",
+            hints={errno.EPERM: "vm.unprivileged_userfaultfd=0 needs CAP_SYS_PTRACE or UFFD_USER_MODE_ONLY"},
+        )
         return cls(fd)
 
     @classmethod
@@ -194,14 +190,12 @@ class Userfaultfd:
             self.features = current
             return current
         arg = _UffdioApi(api=UFFD_API, features=int(features))
-        result = ioctl(self._fd, UFFDIO_API, ctypes.byref(arg))
-        if result < 0:
-            raise_errno(
-                -result,
-                f"UFFDIO_API(features={features!r})",
-                classes={errno.EINVAL: FeatureUnavailable},
-                hint="this kernel lacks an asked-for userfaultfd feature" if -result == errno.EINVAL else "",
-            )
+        check(
+            ioctl(self._fd, UFFDIO_API, ctypes.byref(arg)),
+            f"UFFDIO_API(features={features!r})",
+            classes={errno.EINVAL: FeatureUnavailable},
+            hints={errno.EINVAL: "this kernel lacks an asked-for userfaultfd feature"},
+        )
         # The kernel writes back everything it supports, not what it enabled; fdinfo has the
         # context's real feature set.
         self.features = self._features_from_fdinfo()
@@ -213,9 +207,7 @@ class Userfaultfd:
         probe = Userfaultfd.create(user_mode_only=True)
         try:
             arg = _UffdioApi(api=UFFD_API, features=0)
-            result = ioctl(probe.fileno(), UFFDIO_API, ctypes.byref(arg))
-            if result < 0:
-                raise_errno(-result, "UFFDIO_API probe")
+            check(ioctl(probe.fileno(), UFFDIO_API, ctypes.byref(arg)), "UFFDIO_API probe")
             return UffdFeature(arg.features & ~_UFFD_FEATURE_INITIALIZED)
         finally:
             probe.close()
@@ -224,21 +216,20 @@ class Userfaultfd:
         """Register ``[start, start + length_bytes)`` of the owner's memory."""
         _check_span(start, length_bytes)
         arg = _UffdioRegister(range=_UffdioRange(start, length_bytes), mode=int(mode))
-        result = ioctl(self._fd, UFFDIO_REGISTER, ctypes.byref(arg))
-        if result < 0:
-            raise_errno(
-                -result,
-                f"UFFDIO_REGISTER [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}",
-                hint=_register_hint(-result),
-            )
+        check(
+            ioctl(self._fd, UFFDIO_REGISTER, ctypes.byref(arg)),
+            f"UFFDIO_REGISTER [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}",
+            hints=_REGISTER_HINTS,
+        )
 
     def unregister(self, start: int, length_bytes: int) -> None:
         """Unregister the range; also clears its write-protect bits."""
         _check_span(start, length_bytes)
         arg = _UffdioRange(start, length_bytes)
-        result = ioctl(self._fd, UFFDIO_UNREGISTER, ctypes.byref(arg))
-        if result < 0:
-            raise_errno(-result, f"UFFDIO_UNREGISTER [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}")
+        check(
+            ioctl(self._fd, UFFDIO_UNREGISTER, ctypes.byref(arg)),
+            f"UFFDIO_UNREGISTER [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}",
+        )
 
     def write_protect(self, start: int, length_bytes: int, *, protect: bool = True) -> None:
         """Write-protect the range (``protect=False`` removes the protection: pages read as written)."""
@@ -247,9 +238,10 @@ class Userfaultfd:
             range=_UffdioRange(start, length_bytes),
             mode=_UFFDIO_WRITEPROTECT_MODE_WP if protect else 0,
         )
-        result = ioctl(self._fd, UFFDIO_WRITEPROTECT, ctypes.byref(arg))
-        if result < 0:
-            raise_errno(-result, f"UFFDIO_WRITEPROTECT [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}")
+        check(
+            ioctl(self._fd, UFFDIO_WRITEPROTECT, ctypes.byref(arg)),
+            f"UFFDIO_WRITEPROTECT [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}",
+        )
 
     def close(self) -> None:
         """Close our reference; idempotent."""
@@ -277,13 +269,9 @@ class Userfaultfd:
         return UffdFeature(self._read_fdinfo_features() & ~_UFFD_FEATURE_INITIALIZED)
 
 
-def _register_hint(err: int) -> str:
-    if err == errno.EBUSY:
-        return "another userfaultfd already tracks this memory"
-    if err == errno.EINVAL:
-        return "the range must be mapped, page aligned (huge-page aligned for hugetlb), and the handshake done"
-    if err == errno.EPERM:
-        return "the mapping cannot be written (no VM_MAYWRITE)"
-    if err == errno.ENOMEM:
-        return "part of the range is not mapped"
-    return ""
+_REGISTER_HINTS = {
+    errno.EBUSY: "another userfaultfd already tracks this memory",
+    errno.EINVAL: "the range must be mapped, page aligned (huge-page aligned for hugetlb), and the handshake done",
+    errno.EPERM: "the mapping cannot be written (no VM_MAYWRITE)",
+    errno.ENOMEM: "part of the range is not mapped",
+}

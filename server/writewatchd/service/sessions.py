@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import logging
 import secrets
@@ -745,7 +746,7 @@ def _check_pid(pid: int) -> None:
     try:
         read_status(pid)
     except ProcessGone:
-        raise ProcessGone(3, f"process {pid} does not exist") from None
+        raise ProcessGone(errno.ESRCH, f"process {pid} does not exist") from None
 
 
 def _comm(pid: int) -> str:

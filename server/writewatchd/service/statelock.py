@@ -8,7 +8,6 @@ while the first runs is refused before it opens (or changes) anything in the sta
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import os
 from pathlib import Path
@@ -39,16 +38,18 @@ class StateDirLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
+        except BlockingIOError:
+            # EWOULDBLOCK: another process holds the lock.
             owner = _read_owner(fd)
             os.close(fd)
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
             raise StateDirBusy(
                 f"the state dir {self.state_dir} is owned by another running writewatchd "
                 f"(pid {owner or 'unknown'}); stop it, or start this one with --state-dir "
                 "DIR (or WRITEWATCHD_STATE_DIR) naming another directory"
             ) from None
+        except OSError:
+            os.close(fd)
+            raise
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd

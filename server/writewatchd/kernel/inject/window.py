@@ -18,10 +18,10 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal, NoReturn
+from typing import Literal
 
 from ..._exceptions import AccessDenied, FeatureUnavailable, InjectionRefused, ProcessGone
-from .._libc import SYS, raise_errno, syscall
+from .._libc import SYS, check, raise_errno, syscall
 from ..pidfd import check_getfd, pidfd_getfd
 from ..procfs import SeccompMode, read_stat, read_status
 from ..ptrace import (
@@ -241,11 +241,10 @@ class PythonWindow:
     def steal(self, pause_s: float) -> int:
         """EXITKILL on, userfaultfd, pidfd_getfd, close: our copy of the target's new uffd."""
         self.arm()
-        target_fd = self.run(SYS["userfaultfd"], UFFD_FLAGS)
+        result = self.run(SYS["userfaultfd"], UFFD_FLAGS)
         if pause_s:
             time.sleep(pause_s)
-        if target_fd < 0:
-            _raise_uffd_failure(self.pid, -target_fd)
+        target_fd = _check_uffd(self.pid, result)
         stolen = -1
         try:
             stolen = pidfd_getfd(self.pid, target_fd, pidfd=self.pidfd)
@@ -332,8 +331,7 @@ class CompiledWindow:
                 status = WaitStatus(state.status)
                 raise ProcessGone(errno.ESRCH, f"process {self.pid} {status.describe()} during injection")
             self._check(result)
-        if state.target_fd < 0:
-            _raise_uffd_failure(self.pid, -state.target_fd)
+        _check_uffd(self.pid, int(state.target_fd))
         return check_getfd(stolen, pid=self.pid, target_fd=int(state.target_fd))
 
     def restore_and_detach(self) -> None:
@@ -470,9 +468,10 @@ def steal_uffd(
 _UFFD_REFUSALS = {errno.EPERM: InjectionRefused, errno.EACCES: InjectionRefused}
 
 
-def _raise_uffd_failure(pid: int, err: int) -> NoReturn:
-    raise_errno(
-        err,
+def _check_uffd(pid: int, result: int) -> int:
+    """The fd the injected ``userfaultfd()`` answered, else raise."""
+    return check(
+        result,
         f"userfaultfd() injected into process {pid}",
         classes=_UFFD_REFUSALS,
         hints=dict.fromkeys(_UFFD_REFUSALS, "the process may not create one: an LSM or container policy?"),
