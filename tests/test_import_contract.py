@@ -3,7 +3,7 @@
 Read from the source with :mod:`ast` (nothing is imported), as trio checks its ``_core``
 boundary. Within ``writewatchd`` a module imports only from its own layer or a lower one::
 
-    _exceptions, the package itself  <  kernel  <  tracking  <  service  <  cli, demo_writer
+    _exceptions, _units, the package itself  <  kernel  <  tracking  <  service  <  cli, demo_writer
 
 (the package's ``__init__`` holds the exceptions and the version, so it sits at the bottom).
 
@@ -25,7 +25,7 @@ SERVER = ROOT / "server" / "writewatchd"
 CLIENT = ROOT / "client" / "writewatch"
 
 #: Rank of each layer of writewatchd; a module may import from its own rank or a lower one.
-LAYERS = {"_exceptions": 0, "kernel": 1, "tracking": 2, "service": 3}
+LAYERS = {"_exceptions": 0, "_units": 0, "kernel": 1, "tracking": 2, "service": 3}
 TOP = 4
 #: What the server may take from the client package: the wire only.
 CLIENT_WIRE = ("writewatch._proto", "writewatch.regions")

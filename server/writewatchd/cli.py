@@ -194,7 +194,7 @@ def demo(
         raise typer.Exit(1)
 
 
-def _wait_until_serving(client: object, daemon: object, deadline: float) -> None:
+def _wait_until_serving(client: object, daemon: object, deadline_s: float) -> None:
     import subprocess
     import time
 
@@ -206,7 +206,7 @@ def _wait_until_serving(client: object, daemon: object, deadline: float) -> None
             client.sessions()
             return
         except writewatch.Unavailable:
-            if daemon.poll() is not None or time.monotonic() > deadline:
+            if daemon.poll() is not None or time.monotonic() > deadline_s:
                 raise typer.Exit(1) from None
             time.sleep(0.05)
 

@@ -26,9 +26,9 @@ def main() -> None:
     hot_start = size_bytes // 4
     n_pages = size_bytes // _PAGE
     rng = random.Random(1)
-    deadline = time.monotonic() + args.seconds
+    deadline_s = time.monotonic() + args.seconds
     tick = 0
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline_s:
         tick += 1
         for offset in range(hot_start, hot_start + (1 << 20), _PAGE):
             buffer[offset] = tick & 0xFF

@@ -98,7 +98,7 @@ _START_END_AS_UINT64 = np.dtype((np.uint64, (2,)))
 _DEFAULT_CAPACITY_REGIONS = 1 << 16
 _EMPTY = np.empty((0, 2), dtype=np.uint64)
 _EMPTY.flags.writeable = False
-_HARVEST_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
+HARVEST_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +170,7 @@ class PagemapScanner:
         # harvest() has its own argument struct, filled once: per call it only sets the range.
         self._harvest_arg = PmScanArg(
             size=ctypes.sizeof(PmScanArg),
-            flags=_HARVEST_FLAGS,
+            flags=HARVEST_FLAGS,
             vec=self._buffer_address,
             vec_len=capacity_regions,
             category_mask=Category.WRITTEN,
@@ -307,7 +307,7 @@ class PagemapScanner:
         chunks: list[npt.NDArray[np.uint64]] = []
         position = start
         while True:
-            # The hot path: the same call as self.ioctl(position, end, flags=_HARVEST_FLAGS,
+            # The hot path: the same call as self.ioctl(position, end, flags=HARVEST_FLAGS,
             # category_mask=WRITTEN, return_mask=WRITTEN), without re-filling nine fields.
             # walk_end needs no reset: the kernel zeroes it on entry (docs/kernel.md §1.4).
             arg.start = position
@@ -315,7 +315,7 @@ class PagemapScanner:
             n = ioctl(self._fd, PAGEMAP_SCAN, self._harvest_arg_ref)
             if n < 0:
                 written = int(Category.WRITTEN)
-                self._raise(-n, position, end, _HARVEST_FLAGS, written, 0, 0, written)
+                self._raise(-n, position, end, HARVEST_FLAGS, written, 0, 0, written)
             if n < capacity:
                 if not chunks:
                     return self._starts_ends(n) if n else _EMPTY

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from .._exceptions import KernelError, ProcessGone
+from .._units import round_up
 from ._libc import libc
 from .pagemap import PAGE_SIZE, Category, PagemapScanner
 from .procevents import proc_events_available
@@ -316,7 +317,7 @@ def _probe_unpopulated_fix(notes: list[str]) -> bool:
 def _probe_pmd_hole_fix(notes: list[str]) -> bool | None:
     """40de8160ca7f: a protected THP zapped whole by MADV_DONTNEED reads WRITTEN (needs a THP)."""
     with _anonymous(2 * _PMD_BYTES) as raw, PagemapScanner(capacity_regions=4) as pm:
-        start = (raw + _PMD_BYTES - 1) // _PMD_BYTES * _PMD_BYTES
+        start = round_up(raw, _PMD_BYTES)
         end = start + _PMD_BYTES
         if not _populate_thp(pm, start):
             notes.append("PMD-hole fix unknown: no transparent huge page could be obtained")

@@ -82,12 +82,12 @@ class _UffdioWriteprotect(ctypes.Structure):
     _fields_ = [("range", _UffdioRange), ("mode", ctypes.c_uint64)]
 
 
-def _iowr(nr: int, size: int) -> int:
-    return (3 << 30) | (size << 16) | (0xAA << 8) | nr
+def _iowr(nr: int, size_bytes: int) -> int:
+    return (3 << 30) | (size_bytes << 16) | (0xAA << 8) | nr
 
 
-def _ior(nr: int, size: int) -> int:
-    return (2 << 30) | (size << 16) | (0xAA << 8) | nr
+def _ior(nr: int, size_bytes: int) -> int:
+    return (2 << 30) | (size_bytes << 16) | (0xAA << 8) | nr
 
 
 UFFDIO_API = _iowr(0x3F, ctypes.sizeof(_UffdioApi))
@@ -108,8 +108,8 @@ def is_userfaultfd(pid: int, fd: int) -> bool:
 
 
 def _check_span(start: int, length_bytes: int) -> None:
-    page = os.sysconf("SC_PAGE_SIZE")
-    if start % page or length_bytes % page:
+    page_size_bytes = os.sysconf("SC_PAGE_SIZE")
+    if start % page_size_bytes or length_bytes % page_size_bytes:
         raise InvalidRange(f"[0x{start:x}, +{length_bytes}) is not page aligned")
     if length_bytes <= 0:
         raise InvalidRange(f"length_bytes must be > 0, got {length_bytes}")

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..kernel import PAGE_SIZE
-from .regions import RegionArray, merge
+from .regions import RegionArray, merge, n_pages
 
 __all__ = ["Delta", "merge_deltas"]
 
@@ -36,7 +35,7 @@ class Delta:
     @property
     def n_pages(self) -> int:
         """Number of pages inside the regions."""
-        return int((self.regions[:, 1] - self.regions[:, 0]).sum()) // PAGE_SIZE
+        return n_pages(self.regions)
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:

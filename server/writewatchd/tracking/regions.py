@@ -10,7 +10,9 @@ from collections.abc import Iterable
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["EMPTY", "RegionArray", "RegionSet", "as_regions", "merge", "n_bytes", "page_addresses"]
+from ..kernel.pagemap import PAGE_SIZE
+
+__all__ = ["EMPTY", "RegionArray", "RegionSet", "as_regions", "merge", "n_bytes", "n_pages", "page_addresses"]
 
 RegionArray = npt.NDArray[np.uint64]
 
@@ -50,6 +52,11 @@ def n_bytes(regions: RegionArray) -> int:
     return int((regions[:, 1] - regions[:, 0]).sum())
 
 
+def n_pages(regions: RegionArray) -> int:
+    """Total pages covered by merged, page-aligned ``regions``."""
+    return n_bytes(regions) // PAGE_SIZE
+
+
 def _combine(a: RegionArray, b: RegionArray, keep_a_only: bool) -> RegionArray:
     """Elementary-interval sweep over merged ``a`` and ``b``: ``a - b`` or ``a & b``."""
     if len(a) == 0 or len(b) == 0:
@@ -81,6 +88,11 @@ class RegionSet:
     def n_bytes(self) -> int:
         """Total bytes in the set."""
         return n_bytes(self._regions)
+
+    @property
+    def n_pages(self) -> int:
+        """Total pages in the set."""
+        return n_pages(self._regions)
 
     def __len__(self) -> int:
         return len(self._regions)

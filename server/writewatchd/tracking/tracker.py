@@ -38,7 +38,7 @@ from ..kernel import (
     mm_fingerprint,
     read_maps,
 )
-from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge
+from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge, n_pages
 
 __all__ = ["HarvestStatistics", "Tracker", "auto_ranges"]
 
@@ -188,7 +188,7 @@ class Tracker:
             stats.total_harvest_ns += elapsed_ns
             if len(regions):  # numpy reductions cost more than an idle scan
                 stats.n_regions += len(regions)
-                stats.n_pages += int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE
+                stats.n_pages += n_pages(regions)
             return regions
 
     def scan(self, start: int, end: int, **masks: int) -> ScanResult:
