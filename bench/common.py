@@ -25,7 +25,13 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from writewatchd.kernel.procfs import read_stat
+
 REPO = Path(__file__).resolve().parent.parent
+# The target header parser is shared with the tests, whose C fixtures bench/ uses too.
+sys.path.insert(0, str(REPO / "tests"))
+from targetheader import TargetHeader  # noqa: E402
+
 BENCH = REPO / "bench"
 FIXTURES = BENCH / "fixtures"
 BIN = BENCH / "bin"
@@ -146,9 +152,8 @@ def build(name: str) -> Path:
 
 def cpu_seconds(pid: int) -> float:
     """utime + stime of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    stat = read_stat(pid)
+    return (stat.utime_ticks + stat.stime_ticks) / CLOCK_TICKS_PER_S
 
 
 def rss_bytes(pid: int) -> int:
@@ -168,11 +173,11 @@ class Target:
             [str(build("target")), str(n_pages), populate], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
         )
         assert self.proc.stdout is not None
-        header = dict(kv.split("=") for kv in self.proc.stdout.readline().split())
-        self.pid = int(header["pid"])
-        self.uffd_fd = int(header["uffd"])
-        self.base = int(header["base"], 16)
-        self.n_pages = int(header["pages"])
+        header = TargetHeader.parse(self.proc.stdout.readline())
+        self.pid = header.pid
+        self.uffd_fd = header.uffd_fd
+        self.base = header.base
+        self.n_pages = header.n_pages
         self.end = self.base + self.n_pages * PAGE_SIZE
 
     def send(self, line: str) -> None:

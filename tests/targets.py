@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from targetheader import TargetHeader
+
 PAGE = 4096
 # A tick interval for sessions whose tests compare on-demand harvests exactly: no tick
 # harvest may take the pages first.
@@ -41,11 +43,11 @@ class CoopTarget:
             text=True,
         )
         assert self.proc.stdout is not None
-        header = dict(kv.split("=") for kv in self.proc.stdout.readline().split())
-        self.pid = int(header["pid"])
-        self.uffd_fd = int(header["uffd"])
-        self.base = int(header["base"], 16)
-        self.n_pages = int(header["pages"])
+        header = TargetHeader.parse(self.proc.stdout.readline())
+        self.pid = header.pid
+        self.uffd_fd = header.uffd_fd
+        self.base = header.base
+        self.n_pages = header.n_pages
         self.end = self.base + self.n_pages * PAGE
 
     def command(self, line: str) -> str:

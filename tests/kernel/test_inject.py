@@ -32,23 +32,17 @@ from writewatchd.kernel.inject import helper as inject_helper
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.uffd import Userfaultfd, is_userfaultfd
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="injection tests trace foreign processes: run as root")
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="injection tests trace foreign processes: run as root"),
+    # Every test runs with each implementation of the stop window (conftest.window).
+    pytest.mark.usefixtures("window"),
+]
 
 FIXTURES = Path(__file__).parent.parent / "fixtures"
 NOBODY = 65534
 
 # x86_64 syscall numbers the targets block in.
 NR_READ, NR_NANOSLEEP, NR_FUTEX, NR_RESTART_SYSCALL, NR_TGKILL, NR_EPOLL_WAIT = 0, 35, 202, 219, 234, 232
-
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with each implementation of the stop window (the compiled one, Python)."""
-    chosen = str(request.param)
-    if chosen == "c" and _window.load() is None:
-        pytest.skip("the compiled injection window cannot be built here")
-    monkeypatch.setattr(inject_helper, "DEFAULT_WINDOW", chosen)
-    return chosen
 
 
 class Target:

@@ -9,24 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from writewatchd.kernel.inject import _window
-from writewatchd.kernel.inject import helper as inject_helper
 from writewatchd.kernel.pagemap import PAGE_SIZE, PagemapScanner
 from writewatchd.kernel.procfs import read_maps
 from writewatchd.kernel.spawn import spawn_tracked
 from writewatchd.kernel.uffd import TRACKING_FEATURES, Userfaultfd, is_userfaultfd
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="spawn tests trace their programs: run as root")
-
-
-@pytest.fixture(autouse=True, params=["c", "python"])
-def window(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Every test runs with each implementation of the stop window (the compiled one, Python)."""
-    chosen = str(request.param)
-    if chosen == "c" and _window.load() is None:
-        pytest.skip("the compiled injection window cannot be built here")
-    monkeypatch.setattr(inject_helper, "DEFAULT_WINDOW", chosen)
-    return chosen
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="spawn tests trace their programs: run as root"),
+    # Every test runs with each implementation of the stop window (conftest.window).
+    pytest.mark.usefixtures("window"),
+]
 
 
 def register_all_writable(uffd: Userfaultfd) -> list[str]:

@@ -12,7 +12,7 @@ import pytest
 
 from writewatchd.kernel import Category, ScanFlag
 
-from .conftest import HPAGE_PMD_PAGES, KINDS, WRITTEN, MemFactory, Tracked, huge_pages, region_list
+from .memhelpers import HPAGE_PMD_PAGES, KINDS, WRITTEN, MemFactory, Tracked, huge_pages, region_list
 
 SIZES = {"anon": 10, "anon_large": 5120, "thp": HPAGE_PMD_PAGES}
 

@@ -17,7 +17,7 @@ import pytest
 from writewatchd.kernel import PagemapScanner, ScanFlag, UffdFeature, Userfaultfd
 from writewatchd.kernel.probe import Capabilities, ExitedScan, exited_scan_answer
 
-from .conftest import WRITTEN, page_set, region_list
+from .memhelpers import WRITTEN, page_set, region_list
 
 N_THREADS = 6
 PAGES_PER_THREAD = 8

@@ -18,7 +18,7 @@ from writewatchd import NotRegistered
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner
 from writewatchd.kernel.probe import Capabilities
 
-from .conftest import (
+from .memhelpers import (
     HPAGE_PMD_BYTES,
     HPAGE_PMD_PAGES,
     MADV_DONTNEED,

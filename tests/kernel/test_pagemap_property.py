@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from writewatchd.kernel import PAGE_SIZE, PagemapScanner, UffdFeature, Userfaultfd
 
-from .conftest import Mem, munmap, raw_mmap
+from .memhelpers import Mem, munmap, raw_mmap
 
 N_PAGES = 300
 

@@ -17,7 +17,7 @@ from writewatchd.kernel._libc import ioctl
 from writewatchd.kernel.pagemap import PmScanArg
 from writewatchd.kernel.probe import Capabilities, ExitedScan
 
-from .conftest import (
+from .memhelpers import (
     HPAGE_PMD_PAGES,
     MAP_FIXED,
     PROT_NONE,

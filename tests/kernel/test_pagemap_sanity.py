@@ -14,7 +14,7 @@ import pytest
 from writewatchd import FeatureUnavailable, UsageError
 from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScanner, ScanFlag
 
-from .conftest import WP_SCAN, WRITTEN, MemFactory, Tracked, page_set, raw_pagemap_scan, region_list
+from .memhelpers import WP_SCAN, WRITTEN, MemFactory, Tracked, page_set, raw_pagemap_scan, region_list
 
 N_PAGES = 1000
 EVEN = set(range(0, N_PAGES, 2))

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from writewatchd.kernel import PAGE_SIZE, ScanFlag
 
-from .conftest import WRITTEN, MemFactory, Tracked, page_set
+from .memhelpers import WRITTEN, MemFactory, Tracked, page_set
 
 N_THREADS = 6
 PAGES_PER_THREAD = 8

@@ -16,7 +16,7 @@ from writewatchd.kernel import ALL_CATEGORIES, PAGE_SIZE, Category, PagemapScann
 from writewatchd.kernel.probe import Capabilities, ExitedScan, probe
 from writewatchd.kernel.procevents import proc_events_available
 
-from .conftest import HPAGE_PMD_PAGES, MADV_DONTNEED, WRITTEN, MemFactory, Tracked, madvise
+from .memhelpers import HPAGE_PMD_PAGES, MADV_DONTNEED, WRITTEN, MemFactory, Tracked, madvise
 
 REQUIRED_SINCE: dict[Category, tuple[int, int]] = {
     **{c: (6, 7) for c in Category},

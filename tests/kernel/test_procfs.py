@@ -12,7 +12,7 @@ from writewatchd import ProcessGone
 from writewatchd.kernel import MappingPerm, ProcessIdentity, read_maps, read_status, thread_ids
 from writewatchd.kernel.procfs import SeccompMode, parse_maps, parse_stat, read_stat
 
-from .conftest import MemFactory, mprotect
+from .memhelpers import MemFactory, mprotect
 
 
 class TestMaps:
@@ -66,7 +66,7 @@ class TestStat:
         fields = " ".join(str(n) for n in range(3, 53))  # field N holds N (state included, as "3")
         stat = parse_stat(f"4242 (a) (b c) {fields}\n")
         assert (stat.pid, stat.comm, stat.state) == (4242, "a) (b c", "3")
-        assert stat.start_time_ticks == 22
+        assert (stat.utime_ticks, stat.stime_ticks, stat.start_time_ticks) == (14, 15, 22)
         assert (stat.start_code, stat.end_code, stat.start_stack, stat.arg_start) == (26, 27, 28, 48)
 
     def test_stat_of_a_child_and_of_its_thread(self, sleeper: subprocess.Popen[bytes]) -> None:

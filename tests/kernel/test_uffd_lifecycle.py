@@ -16,7 +16,7 @@ from writewatchd.kernel import PAGE_SIZE, Category, PagemapScanner, UffdFeature,
 from writewatchd.kernel._libc import ioctl
 from writewatchd.kernel.uffd import UFFD_API, UFFDIO_API, _UffdioApi
 
-from .conftest import (
+from .memhelpers import (
     HPAGE_PMD_PAGES,
     MADV_COLLAPSE,
     MADV_DONTNEED,

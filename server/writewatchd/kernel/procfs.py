@@ -130,6 +130,9 @@ class ProcessStat:
     comm: str
     #: The state letter: R, S, D, T (group-stopped), t (tracing stop), Z, X...
     state: str
+    #: CPU time in user and in kernel mode, in clock ticks (``SC_CLK_TCK`` per second).
+    utime_ticks: int
+    stime_ticks: int
     start_time_ticks: int
     start_code: int
     end_code: int
@@ -151,6 +154,8 @@ def parse_stat(text: str) -> ProcessStat:
         pid=int(text[: text.index("(")]),
         comm=text[text.index("(") + 1 : close],
         state=after_comm[0],
+        utime_ticks=field(14),
+        stime_ticks=field(15),
         start_time_ticks=field(22),
         start_code=field(26),
         end_code=field(27),
