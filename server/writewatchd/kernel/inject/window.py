@@ -3,7 +3,9 @@
 :class:`CompiledWindow` runs the ptrace sequence in C (``_window.c``, through ctypes, which
 keeps the GIL released); :class:`PythonWindow` runs it in Python. Every decision stays in
 Python outside the window (thread choice, refusals, seccomp evaluation, error mapping). The
-seccomp verdicts of earlier filter dumps are cached here (docs/injection.md §6).
+seccomp verdicts of earlier filter dumps are cached here (docs/injection.md §6). The two
+implementations stay in one module (a little over 450 lines) so that their rules can be
+read side by side.
 """
 
 from __future__ import annotations
