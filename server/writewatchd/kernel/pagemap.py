@@ -20,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._exceptions import FeatureUnavailable, InvalidRange, NotRegistered, ProcessGone, UsageError
+from ._fd import OwnedFd
 from ._libc import ioctl, raise_errno
 
 __all__ = [
@@ -142,7 +143,7 @@ def _check_categories(**masks: int) -> None:
             raise UsageError(f"{name} has bits 0x{unknown:x} that are not PAGE_IS_* categories")
 
 
-class PagemapScanner:
+class PagemapScanner(OwnedFd):
     """An open ``/proc/PID/pagemap`` with a reused output buffer.
 
     Not thread-safe: one scanner serves one thread at a time (the buffer is shared).
@@ -187,27 +188,6 @@ class PagemapScanner:
     def buffer(self) -> npt.NDArray[np.uint64]:
         """The reused ``(capacity, 3)`` output buffer; valid until the next scan."""
         return self._buffer
-
-    def fileno(self) -> int:
-        """The pagemap file descriptor."""
-        return self._fd
-
-    def close(self) -> None:
-        """Close the pagemap fd; idempotent."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> PagemapScanner:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
 
     def ioctl(
         self,

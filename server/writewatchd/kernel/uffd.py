@@ -14,6 +14,7 @@ import os
 import re
 
 from .._exceptions import FeatureUnavailable, InvalidRange, ProcessGone, UsageError
+from ._fd import OwnedFd
 from ._libc import SYS, check, ioctl, syscall
 from .pidfd import pidfd_getfd
 from .procfs import read_status
@@ -115,7 +116,7 @@ def _check_span(start: int, length_bytes: int) -> None:
         raise InvalidRange(f"length_bytes must be > 0, got {length_bytes}")
 
 
-class Userfaultfd:
+class Userfaultfd(OwnedFd):
     """A userfaultfd context, owned by this object (closed by :meth:`close`).
 
     Closing the last reference unregisters every range of the context and clears its
@@ -157,15 +158,6 @@ class Userfaultfd:
         uffd = cls(pidfd_getfd(pid, target_fd), owner_pid=pid)
         uffd.features = uffd._features_from_fdinfo()
         return uffd
-
-    def fileno(self) -> int:
-        """The file descriptor."""
-        return self._fd
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._fd < 0
 
     @property
     def initialized(self) -> bool:
@@ -242,23 +234,6 @@ class Userfaultfd:
             ioctl(self._fd, UFFDIO_WRITEPROTECT, ctypes.byref(arg)),
             f"UFFDIO_WRITEPROTECT [0x{start:x}, +{length_bytes}) of pid {self.owner_pid}",
         )
-
-    def close(self) -> None:
-        """Close our reference; idempotent."""
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    def __enter__(self) -> Userfaultfd:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        fd = getattr(self, "_fd", -1)
-        if fd >= 0:
-            os.close(fd)
 
     def _read_fdinfo_features(self) -> int:
         with open(f"/proc/self/fdinfo/{self._fd}") as f:
