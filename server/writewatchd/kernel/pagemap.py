@@ -336,10 +336,10 @@ class PagemapScanner(OwnedFd):
         )
 
 
-def _join(chunks: list[npt.NDArray[np.uint64]], width: int = 2) -> npt.NDArray[np.uint64]:
-    """Concatenate scan chunks of ``width`` columns, merging a region split across two ioctls."""
+def _join(chunks: list[npt.NDArray[np.uint64]], n_columns: int = 2) -> npt.NDArray[np.uint64]:
+    """Concatenate scan chunks of ``n_columns`` columns, merging a region split across two ioctls."""
     if not chunks:
-        return np.empty((0, width), dtype=np.uint64)
+        return np.empty((0, n_columns), dtype=np.uint64)
     if len(chunks) == 1:
         return chunks[0]
     joined = np.concatenate(chunks)

@@ -362,15 +362,15 @@ def _probe_soft_dirty(notes: list[str]) -> bool:
         os.close(pagemap)
 
 
-def _soft_dirty_cycle(pagemap: int, page: int, notes: list[str]) -> bool:
-    ctypes.memset(page, 1, 1)
-    if not _pagemap_entry(pagemap, page) & _PAGEMAP_SOFT_DIRTY_BIT:
+def _soft_dirty_cycle(pagemap_fd: int, page_address: int, notes: list[str]) -> bool:
+    ctypes.memset(page_address, 1, 1)
+    if not _pagemap_entry(pagemap_fd, page_address) & _PAGEMAP_SOFT_DIRTY_BIT:
         notes.append("soft-dirty: a freshly written page is not soft-dirty (no CONFIG_MEM_SOFT_DIRTY)")
         return False
     Path("/proc/self/clear_refs").write_text("4")
-    cleared = not _pagemap_entry(pagemap, page) & _PAGEMAP_SOFT_DIRTY_BIT
-    ctypes.memset(page, 2, 1)
-    set_again = bool(_pagemap_entry(pagemap, page) & _PAGEMAP_SOFT_DIRTY_BIT)
+    cleared = not _pagemap_entry(pagemap_fd, page_address) & _PAGEMAP_SOFT_DIRTY_BIT
+    ctypes.memset(page_address, 2, 1)
+    set_again = bool(_pagemap_entry(pagemap_fd, page_address) & _PAGEMAP_SOFT_DIRTY_BIT)
     if not cleared:
         notes.append("soft-dirty: clear_refs 4 did not clear the bit")
     return cleared and set_again

@@ -134,12 +134,12 @@ class RegionSet:
         self._regions = EMPTY
 
 
-def page_addresses(regions: RegionArray, page_size: int) -> RegionArray:
+def page_addresses(regions: RegionArray, page_size_bytes: int) -> RegionArray:
     """The address of every page inside ``regions``, ascending (a 1-D uint64 array)."""
     if len(regions) == 0:
         return np.empty(0, dtype=np.uint64)
-    n_pages = ((regions[:, 1] - regions[:, 0]) // np.uint64(page_size)).astype(np.int64)
+    n_pages = ((regions[:, 1] - regions[:, 0]) // np.uint64(page_size_bytes)).astype(np.int64)
     total = int(n_pages.sum())
     first_index = np.cumsum(n_pages) - n_pages
     index_in_region = np.arange(total, dtype=np.uint64) - np.repeat(first_index, n_pages).astype(np.uint64)
-    return np.repeat(regions[:, 0], n_pages) + index_in_region * np.uint64(page_size)
+    return np.repeat(regions[:, 0], n_pages) + index_in_region * np.uint64(page_size_bytes)
