@@ -394,12 +394,14 @@ class Exporter:
     async def _follow_all(self) -> None:
         while True:
             try:
-                sessions = await self.client.sessions()
+                # Ended sessions too: one that ended while the exporter was down still has its
+                # history in the daemon (for its retention time), and its tail is exported.
+                sessions = await self.client.sessions(include_ended=True)
             except RpcError as error:
                 log.warning("cannot list sessions: %s", error)
             else:
                 for session in sessions:
-                    if session.id not in self._tasks and session.snapshot.state != pb.SESSION_STATE_ENDED:
+                    if session.id not in self._tasks:
                         self._start(session)
                 if not self._ready.is_set():
                     log.info("following every session of %s", self.client.address)
@@ -433,10 +435,12 @@ class Exporter:
             return state
         message = pb.Delta.FromString(last.data or b"")
         state.announced = True
-        if message.fragment_index + 1 < (message.n_fragments or 1):
-            state.partial = message
-            return state
         stored_cursor = (message.epoch, message.seq)
+        if message.fragment_index + 1 < (message.n_fragments or 1):
+            # A delta's first fragment is published only after the previous delta is whole, so
+            # the stream holds everything up to just before this half-stored delta.
+            state.partial = message
+            stored_cursor = (message.epoch, (message.first_seq or message.seq) - 1)
         if state.cursor is None or stored_cursor > state.cursor:
             state.cursor = stored_cursor
         return state

@@ -287,6 +287,92 @@ def test_all_follows_sessions_created_later(
     assert exporter.proc is not None and exporter.proc.returncode == 0, exporter.log.read_text()
 
 
+def test_all_exports_the_tail_of_a_session_that_ended_while_it_was_down(
+    daemon: DaemonProcess, nats: NatsServer, exporters: list[ExporterProcess]
+) -> None:
+    target = CoopTarget(64)
+    try:
+        with writewatch.Client(daemon.address, timeout_s=20) as client:
+            session = client.attach(
+                target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+            )
+            exporter = _exporter(exporters, daemon, nats, "--all", "--poll-s", "0.1")
+            wait_subscribed(session)
+            target.write(1)
+            session.harvest()
+            wait_until(lambda: len(read_back(nats, session.id)) == 2, "the first delta")
+            exporter.kill9()
+            target.write(5, 3)
+            session.harvest()
+            target.exit()
+            wait_until(lambda: session.info().state == writewatch.pb.SESSION_STATE_ENDED, "the session to end")
+            exporter = _exporter(exporters, daemon, nats, "--all", "--poll-s", "0.1")
+            wait_until(lambda: any(e["event"] == "ended" for e in events(nats)), "the ended event")
+    finally:
+        target.kill()
+    exported = read_back(nats, session.id)
+    assert [target.pages(d.regions) for d in exported[1:]] == [{1}, {5, 6, 7}]
+    assert [e["event"] for e in events(nats)] == ["created", "ended"]
+    exporter.stop()
+
+
+def test_a_restarted_exporter_completes_a_half_published_delta(
+    daemon: DaemonProcess, nats: NatsServer, exporters: list[ExporterProcess]
+) -> None:
+    """As if an exporter died after storing 2 fragments of a delta: the restart adds exactly the rest."""
+    target = CoopTarget(4096)
+    try:
+        with writewatch.Client(daemon.address, timeout_s=20) as client:
+            session = client.attach(
+                target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=NO_TICKS_MS
+            )
+            written = target.stride_write(0, 2048, 2)
+            session.harvest()
+            n_fragments = asyncio.run(_publish_half(daemon.address, nats.url, session.id))
+            exporter = _exporter(exporters, daemon, nats, session.id)
+            wait_subscribed(session)
+            target.exit()
+            assert exporter.wait() == 0, exporter.log.read_text()
+    finally:
+        target.kill()
+    keys = [
+        (f.epoch, f.seq, f.fragment_index)
+        for f in (writewatch.decode_delta(p) for s, p, _ in stored_messages(nats) if s.endswith(session.id))
+    ]
+    assert len(keys) == len(set(keys)) == 1 + n_fragments  # the RESYNC, then each fragment of delta 2 once
+    exported = read_back(nats, session.id)
+    assert [d.seq for d in exported] == [1, 2]
+    assert target.pages(exported[1].regions) == written
+
+
+async def _publish_half(address: str, url: str, session_id: str) -> int:
+    """Store what a first exporter life stored before kill -9: the RESYNC and 2 fragments of delta 2."""
+    import nats as nats_py
+
+    from writewatch.export import fit_fragments, session_subject
+
+    async with writewatch.AsyncClient(address) as client:
+        session = await client.session(session_id)
+        deltas = []
+        async for fragments in session.subscribe_wire():
+            deltas.append(fragments)
+            if len(deltas) == 2:
+                break
+    nc = await nats_py.connect(url)
+    js = nc.jetstream()
+    # A de-duplication window that is over before the restart: only the exporter's own
+    # comparison can keep it from storing the first two fragments again.
+    await js.add_stream(name=STREAM_NAME, subjects=["writewatch.>"], duplicate_window=0.2, max_msg_size=8192)
+    resync, delta = (fit_fragments(fragments, 8192) for fragments in deltas)
+    for message in [*resync, *delta[:2]]:
+        headers = {"Nats-Msg-Id": msg_id(session_id, message.epoch, message.seq, message.fragment_index)}
+        await js.publish(session_subject(HOST, session_id), message.SerializeToString(), headers=headers)
+    await nc.close()
+    await asyncio.sleep(0.5)
+    assert len(resync) == 1 and len(delta) > 2
+    return len(delta)
+
+
 def test_unreachable_nats_is_a_clear_error_after_retries(tmp_path: Path) -> None:
     url = f"nats://127.0.0.1:{free_port()}"
     result = subprocess.run(
