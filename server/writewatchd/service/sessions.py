@@ -67,6 +67,7 @@ class SessionSpec:
     auto_ranges: bool = False
     tick_interval_ms: int = 0
     labels: dict[str, str] | None = None
+    owner: str = ""
 
 
 _MAX_VIEW_NAME_BYTES = 256
@@ -516,6 +517,8 @@ class SessionManager:
             argv=list(spec.argv),
             epoch=time.time_ns(),
             comm=_comm(pid),
+            uid=_uid(pid),
+            owner=spec.owner,
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session
@@ -754,6 +757,13 @@ def _comm(pid: int) -> str:
         return read_status(pid).name
     except WriteWatchError:
         return ""
+
+
+def _uid(pid: int) -> int:
+    try:
+        return read_status(pid).effective_uid
+    except WriteWatchError:
+        return -1
 
 
 def _new_session_id() -> str:
