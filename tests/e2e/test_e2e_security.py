@@ -115,10 +115,9 @@ def test_reader_observes_but_cannot_control(secured: Secured, target: CoopTarget
         assert seen.info().pid == target.pid
         first = next(iter(seen.subscribe()))
         assert first.resync and target.pages(first.regions) == set(range(64))
+        view = seen.view("mine")  # views are the reader's own state
         target.write(4)
-        assert reader.session(session.id).view("mine").get_write_watch(target.base, 64 * PAGE).addresses == [
-            target.base + 4 * PAGE
-        ]
+        assert view.get_write_watch(target.base, 64 * PAGE).addresses == [target.base + 4 * PAGE]
         delete = pb.DeleteSessionRequest(session_id=session.id)
         refusals: list[tuple[str, Callable[[], object]]] = [
             ("CreateSession", lambda: _attach(reader, target)),
