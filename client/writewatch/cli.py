@@ -316,7 +316,9 @@ def sessions(
         with _errors(), _client(ctx, address) as client:
             _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
         return
-    with _errors(), Fleet.from_file(fleet_file) as fleet:
+    # The global TLS and token options apply to every daemon of the fleet; the file gives the addresses.
+    options = {key: value for key, value in (ctx.obj or {}).items() if key != "address"}
+    with _errors(), Fleet.from_file(fleet_file, **options) as fleet:
         try:
             listed = fleet.sessions(include_ended=show_all)
         except FleetError as error:

@@ -214,7 +214,7 @@ def test_audit_log_has_every_control_action(secured: Secured, target: CoopTarget
     ]
     for line in lines:
         assert line["session_id"] == session.id and line["pid"] == target.pid and line["comm"] == "coop_target"
-    assert lines[0]["role"] == "controller" and lines[0]["auth"] == "token"
+    assert lines[0]["role"] == "controller" and lines[0]["auth"] == "token" and lines[0]["attach_mode"] == "COOPERATIVE"
     text = secured.audit.read_text()
     assert not any(token in text for token in secured.tokens.values())
     assert stat.S_IMODE(secured.audit.stat().st_mode) == 0o600

@@ -331,12 +331,14 @@ class _Gate:
             comm = os.path.basename(request.argv[0])[:15]
         if not comm and self.target is not None:
             pid, comm = self.target
+        mode: Any = getattr(response, "attach_mode", 0) or getattr(request, "attach_mode", 0)
         self.interceptor._audit.write(
             identity=identity.name if identity else None,
             role=identity.role.label if identity else None,
             auth=identity.method.name.lower() if identity else None,
             peer=context.peer(),
             method=self.method.rsplit("/", 1)[-1],
+            attach_mode=pb.AttachMode.Name(mode).removeprefix("ATTACH_MODE_") if mode else None,
             session_id=session_id or None,
             pid=pid or None,
             comm=comm or None,
