@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from writewatch import Client, Unavailable
 from writewatch._connect import resolve
 
 
@@ -101,3 +102,11 @@ def test_token_file_readable_by_others(tmp_path: Path) -> None:
 def test_token_and_token_file_exclude_each_other(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not both"):
         resolve("lab:1", token="a", token_file=_file(tmp_path / "t"))
+
+
+def test_unreachable_socket_says_what_to_do(tmp_path: Path) -> None:
+    socket_path = tmp_path / "nobody.sock"
+    with Client(f"unix:{socket_path}", timeout_s=5) as client, pytest.raises(Unavailable) as info:
+        client.sessions()
+    assert f"cannot reach writewatchd at unix:{socket_path}" in str(info.value)
+    assert "is the daemon running" in str(info.value)

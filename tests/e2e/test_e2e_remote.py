@@ -293,3 +293,14 @@ def test_token_file_readable_by_others_is_refused(remote: Remote, tmp_path: Path
     loose.chmod(0o644)
     message = _error(["-a", remote.address, "--tls-ca", str(remote.ca.cert), "--token-file", str(loose)])
     assert f"chmod 600 {loose}" in message
+
+
+def test_fleet_listing_uses_the_global_tls_and_token_options(remote: Remote, tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text(f"lab {remote.address}\n")
+    options, env = remote.ways()["flags"]
+    tls_and_token = options[2:]  # without --address: the fleet file gives it
+    listed = json.loads(cli(tls_and_token, env, "sessions", "--fleet", str(fleet), "--json").stdout)
+    assert isinstance(listed, list)
+    failed = cli(["--tls-ca", str(remote.other_ca.cert)], env, "sessions", "--fleet", str(fleet), check=False)
+    assert failed.returncode != 0 and "not trusted" in failed.stderr + failed.stdout
