@@ -338,13 +338,19 @@ class _Gate:
             auth=identity.method.name.lower() if identity else None,
             peer=context.peer(),
             method=self.method.rsplit("/", 1)[-1],
-            attach_mode=pb.AttachMode.Name(mode).removeprefix("ATTACH_MODE_") if mode else None,
+            attach_mode=_attach_mode_name(mode) if mode else None,
             session_id=session_id or None,
             pid=pid or None,
             comm=comm or None,
             result=code.name,
             message=message,
         )
+
+
+def _attach_mode_name(mode: int) -> str:
+    """``INJECT``; an undefined value (a refused request may carry one) as its number."""
+    value = pb.AttachMode.DESCRIPTOR.values_by_number.get(mode)
+    return value.name.removeprefix("ATTACH_MODE_") if value is not None else str(mode)
 
 
 _CODES: dict[Any, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
