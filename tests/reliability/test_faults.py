@@ -153,7 +153,10 @@ def _kill_during(client: writewatch.Client, phase: str, rng: random.Random) -> t
             thread = threading.Thread(target=attach, daemon=True)
             thread.start()
             time.sleep(rng.uniform(0, 0.01))
-            target.kill()
+            # Killed mid-injection, the target is reported to its tracer (the daemon's helper)
+            # before its parent can reap it: allow the helper its deadline on a loaded machine.
+            target.proc.kill()
+            target.proc.wait(30)
             thread.join(30)
             assert not thread.is_alive(), f"{phase}: the attach hung after its target was killed"
     finally:
