@@ -107,8 +107,15 @@ class AsyncClient:
         uffd_fd: int | None = None,
         tick_interval_ms: int = 0,
         labels: Mapping[str, str] | None = None,
+        follow_exec: bool = True,
+        follow_children: bool = False,
     ) -> AsyncSession:
-        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection."""
+        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection.
+
+        ``follow_exec``: continue through execve in a new epoch starting with a RESYNC (auto
+        ranges only); ``follow_children``: each child process becomes a session of its own,
+        with ``parent_session_id`` and these labels.
+        """
         mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
         request = create_request(
             pid=pid,
@@ -117,6 +124,8 @@ class AsyncClient:
             uffd_fd=uffd_fd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         return AsyncSession(self, await self._call(self._stub.CreateSession, request))
 
@@ -129,8 +138,14 @@ class AsyncClient:
         cwd: str | None = None,
         tick_interval_ms: int = 0,
         labels: Mapping[str, str] | None = None,
+        follow_exec: bool = True,
+        follow_children: bool = False,
     ) -> AsyncSession:
-        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's)."""
+        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's).
+
+        ``follow_exec`` and ``follow_children`` as for :meth:`attach`: with both, a launcher
+        chain (``sh -c 'exec …'``, a Python launcher forking helpers) is tracked program by program.
+        """
         if not argv:
             raise ValueError("argv must name a program")
         request = create_request(
@@ -142,6 +157,8 @@ class AsyncClient:
             cwd=cwd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         return AsyncSession(self, await self._call(self._stub.CreateSession, request))
 
@@ -205,10 +222,15 @@ class AsyncSession:
         self.snapshot = await self.client._call(self.client._stub.GetSession, request)
         return self.snapshot
 
-    async def close(self) -> None:
-        """Stop tracking (DeleteSession); closing an already deleted session is not an error."""
+    async def close(self, *, recursive: bool = False) -> None:
+        """Stop tracking (DeleteSession); closing an already deleted session is not an error.
+
+        ``recursive`` also closes the sessions of every followed descendant.
+        """
         try:
-            await self.client._call(self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id))
+            await self.client._call(
+                self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id, recursive=recursive)
+            )
         except NotFound:
             return
 

@@ -110,8 +110,15 @@ class Client:
         uffd_fd: int | None = None,
         tick_interval_ms: int = 0,
         labels: Mapping[str, str] | None = None,
+        follow_exec: bool = True,
+        follow_children: bool = False,
     ) -> Session:
-        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection."""
+        """Track a running process: cooperative with the target's ``uffd_fd``, else by injection.
+
+        ``follow_exec``: continue through execve in a new epoch starting with a RESYNC (auto
+        ranges only); ``follow_children``: each child process becomes a session of its own,
+        with ``parent_session_id`` and these labels.
+        """
         mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
         request = create_request(
             pid=pid,
@@ -120,6 +127,8 @@ class Client:
             uffd_fd=uffd_fd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         return Session(self, self._call(self._stub.CreateSession, request))
 
@@ -132,8 +141,14 @@ class Client:
         cwd: str | None = None,
         tick_interval_ms: int = 0,
         labels: Mapping[str, str] | None = None,
+        follow_exec: bool = True,
+        follow_children: bool = False,
     ) -> Session:
-        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's)."""
+        """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's).
+
+        ``follow_exec`` and ``follow_children`` as for :meth:`attach`: with both, a launcher
+        chain (``sh -c 'exec …'``, a Python launcher forking helpers) is tracked program by program.
+        """
         if not argv:
             raise ValueError("argv must name a program")
         request = create_request(
@@ -145,6 +160,8 @@ class Client:
             cwd=cwd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         return Session(self, self._call(self._stub.CreateSession, request))
 
@@ -206,10 +223,15 @@ class Session:
         self.snapshot = self.client._call(self.client._stub.GetSession, pb.GetSessionRequest(session_id=self.id))
         return self.snapshot
 
-    def close(self) -> None:
-        """Stop tracking (DeleteSession); closing an already deleted session is not an error."""
+    def close(self, *, recursive: bool = False) -> None:
+        """Stop tracking (DeleteSession); closing an already deleted session is not an error.
+
+        ``recursive`` also closes the sessions of every followed descendant.
+        """
         try:
-            self.client._call(self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id))
+            self.client._call(
+                self.client._stub.DeleteSession, pb.DeleteSessionRequest(session_id=self.id, recursive=recursive)
+            )
         except NotFound:
             return
 

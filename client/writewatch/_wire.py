@@ -62,6 +62,8 @@ def create_request(
     cwd: str | None = None,
     tick_interval_ms: int = 0,
     labels: Mapping[str, str] | None = None,
+    follow_exec: bool = True,
+    follow_children: bool = False,
 ) -> pb.CreateSessionRequest:
     """The CreateSession request for attach or spawn."""
     request = pb.CreateSessionRequest(
@@ -72,6 +74,8 @@ def create_request(
         cwd=cwd or "",
         tick_interval_ms=tick_interval_ms,
         labels=dict(labels or {}),
+        follow_exec=follow_exec,
+        follow_children=follow_children,
     )
     if uffd_fd is not None:
         request.uffd_fd = uffd_fd

@@ -173,6 +173,17 @@ TickOption = Annotated[int, typer.Option("--tick-ms", min=0, help="Harvest perio
 LabelOption = Annotated[
     list[str] | None, typer.Option("--label", "-l", help="KEY=VALUE label (repeatable).", show_default=False)
 ]
+FollowExecOption = Annotated[
+    bool,
+    typer.Option(
+        "--follow-exec/--no-follow-exec",
+        help="Continue through execve in a new epoch (auto ranges); --no-follow-exec ends the session EXECED.",
+    ),
+]
+FollowChildrenOption = Annotated[
+    bool,
+    typer.Option("--follow-children", help="Track every child process in a session of its own (and theirs)."),
+]
 
 
 @app.callback()
@@ -292,11 +303,59 @@ def _print_created(session: Session, as_json: bool) -> None:
     typer.echo(f"{session.id}\tpid {snapshot.pid} ({mode}), {len(snapshot.ranges)} ranges")
 
 
+def _tree_order(snapshots: Sequence[pb.Session]) -> list[tuple[int, pb.Session]]:
+    """Sessions depth-first under their parents, each with its depth (orphans at the top level)."""
+    ids = {s.session_id for s in snapshots}
+    children: dict[str, list[pb.Session]] = {}
+    for snapshot in snapshots:
+        parent = snapshot.parent_session_id if snapshot.parent_session_id in ids else ""
+        children.setdefault(parent, []).append(snapshot)
+    ordered: list[tuple[int, pb.Session]] = []
+
+    def visit(parent: str, depth: int) -> None:
+        for snapshot in children.get(parent, []):
+            ordered.append((depth, snapshot))
+            visit(snapshot.session_id, depth + 1)
+
+    visit("", 0)
+    return ordered
+
+
+def _print_tree(snapshots: Sequence[pb.Session], as_json: bool) -> None:
+    """Followed process trees: each child session under its parent's."""
+    ordered = _tree_order(snapshots)
+    if as_json:
+        _print_json([{"depth": depth, **message_to_json(s)} for depth, s in ordered])
+        return
+    table = Table()
+    table.add_column("session", no_wrap=True)
+    for header in ("pid", "command", "execs", "state", "tracked", "seq", "labels"):
+        table.add_column(header)
+    for depth, snapshot in ordered:
+        row = _session_row(snapshot)
+        # _session_row: session, pid, command, mode, state, tracked, seq, subs, labels
+        table.add_row(
+            "  " * depth + ("└ " if depth else "") + row[0],
+            row[1],
+            row[2],
+            str(snapshot.n_execs_followed),
+            row[4],
+            row[5],
+            row[6],
+            row[8],
+        )
+    _console.print(table)
+
+
 @app.command()
 def sessions(
     ctx: typer.Context,
+    *,
     show_all: Annotated[
         bool, typer.Option("--all", help="Also list ended sessions (kept for the daemon's retention).")
+    ] = False,
+    tree: Annotated[
+        bool, typer.Option("--tree", help="Show followed process trees: child sessions under their parents.")
     ] = False,
     address: AddressOption = None,
     fleet_file: Annotated[
@@ -314,7 +373,11 @@ def sessions(
     """List the daemon's active sessions (--all: also the ended ones it keeps; --fleet: of many daemons)."""
     if fleet_file is None:
         with _errors(), _client(ctx, address) as client:
-            _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
+            snapshots = [s.snapshot for s in client.sessions(include_ended=show_all)]
+        if tree:
+            _print_tree(snapshots, as_json)
+        else:
+            _print_sessions(snapshots, as_json)
         return
     # The global TLS and token options apply to every daemon of the fleet; the file gives the addresses.
     options = {key: value for key, value in (ctx.obj or {}).items() if key != "address"}
@@ -343,13 +406,21 @@ def attach(
     ] = None,
     tick_ms: TickOption = 0,
     labels: LabelOption = None,
+    follow_exec: FollowExecOption = True,
+    follow_children: FollowChildrenOption = False,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Start tracking a running process; prints the session id."""
     with _errors(), _client(ctx, address) as client:
         session = client.attach(
-            pid, _ranges(ranges, auto), uffd_fd=uffd_fd, tick_interval_ms=tick_ms, labels=parse_pairs(labels, "label")
+            pid,
+            _ranges(ranges, auto),
+            uffd_fd=uffd_fd,
+            tick_interval_ms=tick_ms,
+            labels=parse_pairs(labels, "label"),
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         _print_created(session, as_json)
 
@@ -367,10 +438,17 @@ def spawn(
     cwd: Annotated[str | None, typer.Option("--cwd", help="Working directory of the program.")] = None,
     tick_ms: TickOption = 0,
     labels: LabelOption = None,
+    follow_exec: FollowExecOption = True,
+    follow_children: FollowChildrenOption = False,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Start a program under tracking from its first instruction; prints the session id."""
+    """Start a program under tracking from its first instruction; prints the session id.
+
+    For launchers (``sh -c 'exec …'``, ``env``, ``proton run game.exe``) use
+    ``--follow-children``: every program of the chain is tracked, each child process in a
+    session of its own (``writewatch sessions --tree``).
+    """
     with _errors(), _client(ctx, address) as client:
         session = client.spawn(
             command,
@@ -379,6 +457,8 @@ def spawn(
             cwd=cwd,
             tick_interval_ms=tick_ms,
             labels=parse_pairs(labels, "label"),
+            follow_exec=follow_exec,
+            follow_children=follow_children,
         )
         _print_created(session, as_json)
 
@@ -612,10 +692,17 @@ def view_delete(
 
 
 @app.command()
-def close(ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None) -> None:
+def close(
+    ctx: typer.Context,
+    session_id: SessionArgument,
+    recursive: Annotated[
+        bool, typer.Option("--recursive", "-r", help="Also close the sessions of followed descendants.")
+    ] = False,
+    address: AddressOption = None,
+) -> None:
     """Stop tracking (delete the session)."""
     with _errors(), _client(ctx, address) as client:
-        client.session(session_id).close()
+        client.session(session_id).close(recursive=recursive)
     typer.echo(f"closed {session_id}")
 
 

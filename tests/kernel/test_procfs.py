@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import threading
+import time
 
 import pytest
 
 from writewatchd import ProcessGone
 from writewatchd.kernel import MappingPerm, ProcessIdentity, read_maps, read_status, thread_ids
-from writewatchd.kernel.procfs import SeccompMode, parse_maps, parse_stat, read_stat
+from writewatchd.kernel.procfs import (
+    SeccompMode,
+    child_pids,
+    gained_privileges,
+    parse_maps,
+    parse_stat,
+    read_cmdline,
+    read_stat,
+)
 
 from .memhelpers import MemFactory, mprotect
 
@@ -142,3 +152,51 @@ class TestIdentityAndStatus:
         sleeper.wait()
         with pytest.raises(ProcessGone):
             thread_ids(sleeper.pid)
+
+
+def test_read_cmdline_and_child_pids_of_real_processes() -> None:
+    parent = subprocess.Popen(["/bin/sh", "-c", "sleep 30 & sleep 30 & wait"])
+    try:
+        deadline = time.monotonic() + 10
+        while len(child_pids(parent.pid)) < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        children = child_pids(parent.pid)
+        assert len(children) == 2
+        assert all(read_cmdline(c) == ["sleep", "30"] for c in children)
+        assert read_cmdline(parent.pid) == ["/bin/sh", "-c", "sleep 30 & sleep 30 & wait"]
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_threads_are_not_children() -> None:
+    code = (
+        "import threading, time\n"
+        "for _ in range(3):\n"
+        "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+        "print(flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        assert len(thread_ids(child.pid)) == 4
+        assert child_pids(child.pid) == []
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_gained_privileges() -> None:
+    assert gained_privileges(os.getpid()) == ""
+    probe = "import os, sys, time; os.setresuid(65534, 0, 0); print(flush=True); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", probe], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        assert "set-user-ID" in gained_privileges(child.pid)
+    finally:
+        child.kill()
+        child.wait()

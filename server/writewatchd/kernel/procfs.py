@@ -16,7 +16,10 @@ from ._libc import raise_errno
 
 __all__ = [
     "Mapping",
+    "child_pids",
+    "gained_privileges",
     "mm_fingerprint",
+    "read_cmdline",
     "MappingPerm",
     "ProcessIdentity",
     "ProcessStat",
@@ -241,3 +244,47 @@ def thread_ids(pid: int) -> list[int]:
         return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
     except FileNotFoundError:
         raise ProcessGone(errno.ENOENT, f"process {pid} does not exist") from None
+
+
+def read_cmdline(pid: int) -> list[str]:
+    """The argument vector of ``pid`` (empty for a zombie or a kernel thread)."""
+    text = _read(pid, "cmdline")
+    return text.split("\0")[:-1] if text.endswith("\0") else [text] if text else []
+
+
+def gained_privileges(pid: int) -> str:
+    """Why ``pid`` runs with privileges its user does not have, or ``""``.
+
+    A set-user-ID or set-group-ID program shows different real and effective ids; a
+    non-dumpable process of another user has its ``/proc/PID`` owned by root
+    (docs/kernel.md §4.1). writewatch does not inject into such programs.
+    """
+    fields: dict[str, list[int]] = {}
+    for line in _read(pid, "status").splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Uid", "Gid"):
+            fields[key] = [int(v) for v in value.split()]
+    uids, gids = fields.get("Uid", [0, 0, 0, 0]), fields.get("Gid", [0, 0, 0, 0])
+    if len(set(uids[:3])) > 1:
+        return f"it runs a set-user-ID program (uids {uids[0]}/{uids[1]}/{uids[2]})"
+    if len(set(gids[:3])) > 1:
+        return f"it runs a set-group-ID program (gids {gids[0]}/{gids[1]}/{gids[2]})"
+    try:
+        owner = os.stat(f"/proc/{pid}").st_uid
+    except FileNotFoundError:
+        raise ProcessGone(errno.ENOENT, f"process {pid} does not exist") from None
+    if owner != uids[1]:
+        return "it is not dumpable (a privileged program)"
+    return ""
+
+
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (all its threads'), ascending; threads are not children."""
+    children: set[int] = set()
+    for tid in thread_ids(pid):
+        try:
+            text = _read(pid, f"task/{tid}/children")
+        except ProcessGone:
+            continue  # the thread exited meanwhile
+        children.update(int(c) for c in text.split())
+    return sorted(children)

@@ -239,6 +239,18 @@ class Hub:
             self._subscribers.add(subscriber)
         return subscriber
 
+    def new_epoch(self, epoch: int) -> None:
+        """Start numbering again at seq 1 in ``epoch`` (the target executed a new program).
+
+        The history of the old epoch is dropped: a subscriber resuming in it gets a RESYNC.
+        Streams stay open; the next prepared delta must be the new epoch's RESYNC.
+        """
+        self.epoch = epoch
+        self.last_seq = 0
+        self._prepared_seq = 0
+        self._history.clear()
+        self._history_bytes = 0
+
     def finish(self, reason: EndReason, message: str) -> None:
         """End every stream (after its queued deltas) and refuse nothing: late subscribers get the end too."""
         if self.end is not None:

@@ -35,6 +35,24 @@ class _SessionCollector(Collector):
             for session in active:
                 family.add_metric([session.session_id], getattr(session.statistics, field) * scale)
             yield family
+        follow = self._manager.follower.counters
+        for name, help_text, value in (
+            ("writewatchd_follow_execs", "Execs followed (a new epoch each)", follow.n_execs_followed),
+            ("writewatchd_follow_children_adopted", "Child processes that became sessions", follow.n_children_adopted),
+            (
+                "writewatchd_follow_children_exited_early",
+                "Child processes that exited before they could be attached",
+                follow.n_children_exited_early,
+            ),
+            (
+                "writewatchd_follow_children_refused",
+                "Child processes not followed: max_sessions_per_tree reached (RESOURCE_EXHAUSTED)",
+                follow.n_children_refused,
+            ),
+            ("writewatchd_follow_children_failed", "Child processes whose attach failed", follow.n_children_failed),
+            ("writewatchd_follow_events_lost", "Process-event overflows (recovered by polling)", follow.n_events_lost),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
 
 
 def session_registry(manager: SessionManager) -> CollectorRegistry:

@@ -240,6 +240,8 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             tick_interval_ms=request.tick_interval_ms,
             labels=dict(request.labels),
             owner=_owner(identity := current_identity()),
+            follow_exec=request.follow_exec if request.HasField("follow_exec") else True,
+            follow_children=request.follow_children,
         )
         self._check_create(identity, spec)
         session = await self._manager.create(spec)
@@ -274,7 +276,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     @_rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
-        await self._manager.delete(self._session(request.session_id).session_id)
+        await self._manager.delete(self._session(request.session_id).session_id, recursive=request.recursive)
         return pb.DeleteSessionResponse()
 
     @_rpc
@@ -514,6 +516,11 @@ def session_message(session: ManagedSession) -> pb.Session:
         ),
         n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
         comm=record.comm,
+        parent_session_id=record.parent_session_id,
+        n_execs_followed=record.n_execs_followed,
+        argv=record.cmdline,
+        follow_exec=record.follow_exec,
+        follow_children=record.follow_children,
     )
 
 

@@ -25,7 +25,10 @@ from typing import Any
 from writewatch import AttachMode
 
 from .._exceptions import (
+    AccessDenied,
     AlreadyTracked,
+    InjectionRefused,
+    KernelError,
     LimitExceeded,
     ProcessGone,
     RangeBusy,
@@ -35,13 +38,16 @@ from .._exceptions import (
     ViewNotFound,
     WriteWatchError,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, read_status
+from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, mm_fingerprint, read_status
+from ..kernel.procevents import shares_memory
+from ..kernel.procfs import gained_privileges, read_cmdline
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
 from ..tracking.regions import EMPTY, RegionArray, as_regions
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
+from .follow import Follower, PendingChild
 from .hub import EndReason, Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
@@ -68,6 +74,8 @@ class SessionSpec:
     tick_interval_ms: int = 0
     labels: dict[str, str] | None = None
     owner: str = ""
+    follow_exec: bool = True
+    follow_children: bool = False
 
 
 _MAX_VIEW_NAME_BYTES = 256
@@ -121,6 +129,7 @@ class ManagedSession:
         self._manager = manager
         self._spawned = spawned
         self._harvest_lock = asyncio.Lock()
+        self._exec_check_queued = False
         self._pidfd = -1
         self.settled = record.state == "ENDED"
         """Ended, and its last record written: retention may prune it."""
@@ -156,6 +165,7 @@ class ManagedSession:
             await self.harvest_now()
         if self.active:
             self.start()
+            self._manager.follower.watch(self, poll=not self._manager.readopting)
 
     def start(self) -> None:
         """Join the ticker of the session's tick interval, and watch for the target's exit."""
@@ -229,9 +239,83 @@ class ManagedSession:
         pid = self.record.pid
         if self.tracker is not None and not self.tracker.has_exited():
             # Same pid, same start time, but the tracked memory is gone: an execve.
+            if self.record.follow_exec:
+                await self._follow_exec_locked()
+                return
             await self.finish(EndReason.EXECED, f"process {pid} executed a new program; attach again to track it")
             return
         await self.finish(EndReason.EXITED, f"process {pid} exited ({exc})")
+
+    def exec_noticed(self) -> None:
+        """The target may have executed a new program: follow it, or end ``EXECED`` (in the background)."""
+        if self.active and not self._exec_check_queued:
+            self._exec_check_queued = True
+            self._manager.run_in_background(self._on_exec())
+
+    async def _on_exec(self) -> None:
+        async with self._harvest_lock:
+            self._exec_check_queued = False
+            if not self.active:
+                return
+            if self.record.follow_exec:
+                await self._follow_exec_locked()
+                return
+            tracker = self.tracker
+            loop = asyncio.get_running_loop()
+            try:
+                current = await loop.run_in_executor(self._manager.executor, mm_fingerprint, self.record.pid)
+            except WriteWatchError:
+                return  # it exited: its pidfd ends the session
+            if tracker is not None and tracker.mm_fingerprint != current:
+                pid = self.record.pid
+                await self.finish(EndReason.EXECED, f"process {pid} executed a new program; attach again to track it")
+
+    async def _follow_exec_locked(self) -> None:
+        """Track the program the target runs now, in a new epoch starting with a RESYNC.
+
+        Nothing happens when the tracker already belongs to it. A program that cannot be
+        followed (set-user-ID, not dumpable, injection refused, explicit ranges) ends the
+        session ``EXECED`` with the reason; nothing stays half attached.
+        """
+        pid = self.record.pid
+        loop = asyncio.get_running_loop()
+        old = self.tracker
+        try:
+            tracker = await loop.run_in_executor(self._manager.executor, self._manager.retrack_after_exec, self, old)
+        except ProcessGone as exc:
+            await self.finish(EndReason.EXITED, f"process {pid} exited ({exc})")
+            return
+        except (_NotFollowable, InjectionRefused, AccessDenied) as exc:
+            await self.finish(EndReason.EXECED, f"process {pid} executed a new program that is not followed: {exc}")
+            return
+        except WriteWatchError as exc:
+            log.warning("session %s: following the exec of pid %d failed: %r", self.session_id, pid, exc)
+            await self.finish(EndReason.EXECED, f"process {pid} executed a new program; following it failed: {exc}")
+            return
+        if tracker is None:
+            return
+        self.tracker = tracker
+        if self._pidfd >= 0:  # the exit is watched through the tracker's pidfd: the new one's now
+            self._close_pidfd()
+            self._pidfd = tracker.exit_fd
+            loop.add_reader(self._pidfd, self._on_exit)
+        if old is not None:
+            await loop.run_in_executor(self._manager.executor, old.close)
+        record = self.record
+        record.n_execs_followed += 1
+        record.comm = _comm(pid)
+        record.cmdline = _cmdline(pid)
+        record.uffd_fd = None  # the target's own fd did not survive the exec: re-adoption injects
+        record.epoch = time.time_ns()
+        self.hub.new_epoch(record.epoch)
+        self._manager.follower.counters.n_execs_followed += 1
+        log.info(
+            "session %s: pid %d executed %s; following it in epoch %d", self.session_id, pid, record.comm, record.epoch
+        )
+        with contextlib.suppress(SessionEnded):
+            await self._harvest_locked()  # the new epoch's first delta: a RESYNC of every tracked page
+        if self.active:
+            await self._manager.persist(record)
 
     def _harvest_in_thread(self) -> Published | None:
         tracker = self._live_tracker()
@@ -343,6 +427,7 @@ class ManagedSession:
         self.record.end_message = message
         self.record.ended_at_unix_ns = time.time_ns()
         self.hub.finish(reason, message)
+        self._manager.follower.unwatch(self)
         self._manager.ticker(self.record.tick_interval_ms).discard(self)
         self._close_pidfd()
         if self.tracker is not None:
@@ -458,6 +543,10 @@ class SessionManager:
         self._attaching: set[int] = set()
         self.background: set[asyncio.Task[None]] = set()
         self._prune_timer: asyncio.TimerHandle | None = None
+        self.follower = Follower(
+            self, poll_interval_s=settings.process_poll_interval_ms / 1000, use_events=settings.process_events
+        )
+        self.readopting = False
 
     def ticker(self, interval_ms: int) -> Ticker:
         """The ticker of one tick interval, created on first use."""
@@ -468,6 +557,10 @@ class SessionManager:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+    def tracks_pid(self, pid: int) -> bool:
+        """Whether an active session tracks process ``pid``."""
+        return any(s.active and s.record.pid == pid for s in self._sessions.values())
 
     def get(self, session_id: str) -> ManagedSession:
         """The session ``session_id``; raises :class:`SessionNotFound`."""
@@ -519,6 +612,9 @@ class SessionManager:
             comm=_comm(pid),
             uid=_uid(pid),
             owner=spec.owner,
+            follow_exec=spec.follow_exec,
+            follow_children=spec.follow_children,
+            cmdline=_cmdline(pid),
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session
@@ -547,6 +643,18 @@ class SessionManager:
         another state dir, or a predecessor still dying) is neither adopted nor ended; its
         record stays ACTIVE for whoever holds it.
         """
+        self.readopting = True
+        try:
+            outcome = await self._readopt_records()
+        finally:
+            self.readopting = False
+        # Children born while the daemon was down are adopted now that every session of
+        # the tree exists again (adopting one before its own record would duplicate it).
+        self.follower.poll_all()
+        self.prune_ended()
+        return outcome
+
+    async def _readopt_records(self) -> Readoption:
         outcome = Readoption()
         for record in self.store.load("ENDED"):
             self._add_ended(record)
@@ -586,7 +694,6 @@ class SessionManager:
             await self.persist(record)
             await session.begin()
             outcome.adopted.append(session)
-        self.prune_ended()
         return outcome
 
     async def _readopt_tracker(self, record: SessionRecord, identity: ProcessIdentity) -> Tracker:
@@ -620,9 +727,24 @@ class SessionManager:
         session.hub.finish(EndReason(record.end_reason or EndReason.ERROR), record.end_message)
         self._sessions[record.session_id] = session
 
-    async def delete(self, session_id: str) -> None:
-        """End a session (reason DELETED), release everything, and forget it."""
+    def descendants(self, session_id: str) -> list[ManagedSession]:
+        """The sessions of followed descendants of ``session_id`` (children before their children)."""
+        found: list[ManagedSession] = []
+        parents = {session_id}
+        while parents:
+            children = [s for s in self._sessions.values() if s.record.parent_session_id in parents]
+            found.extend(children)
+            parents = {s.session_id for s in children}
+        return found
+
+    async def delete(self, session_id: str, *, recursive: bool = False) -> None:
+        """End a session (reason DELETED), release everything, and forget it; with
+        ``recursive``, also the sessions of every followed descendant."""
         session = self.get(session_id)
+        if recursive:
+            for descendant in reversed(self.descendants(session_id)):
+                if descendant.session_id in self._sessions:
+                    await self.delete(descendant.session_id)
         await session.finish(EndReason.DELETED, "the session was deleted")
         if self._sessions.pop(session_id, None) is not None:  # retention may have pruned it meanwhile
             await asyncio.get_running_loop().run_in_executor(self.executor, self.store.delete, session_id)
@@ -667,6 +789,7 @@ class SessionManager:
 
     async def shutdown(self) -> None:
         """End every stream with DAEMON_SHUTDOWN; records stay ACTIVE so a restart re-adopts them."""
+        self.follower.close()
         for ticker in self._tickers.values():
             await ticker.stop()
         if self._prune_timer is not None:
@@ -735,6 +858,185 @@ class SessionManager:
             raise UsageError(f"cannot spawn {spec.argv[0]!r}: {exc.strerror}") from None
         return trackers[0], spawned
 
+    def retrack_after_exec(self, session: ManagedSession, old: Tracker | None) -> Tracker | None:
+        """A tracker of the program ``session``'s target runs now, or None if ``old`` is one (blocking).
+
+        The fingerprint is read before the injection and again after the tracker exists:
+        a uffd injected just before another exec would belong to a dead mm (kernel.md §8.3).
+        """
+        record = session.record
+        pid = record.pid
+        identity = ProcessIdentity(pid, record.start_time_ticks)
+        for _ in range(_EXEC_RETRIES):
+            before = mm_fingerprint(pid)
+            if old is not None and old.mm_fingerprint == before and not old.has_exited():
+                return None
+            why = gained_privileges(pid)
+            if why:
+                raise _NotFollowable(why)
+            if not record.auto_ranges:
+                raise _NotFollowable("explicit ranges do not survive an exec; track auto ranges to follow it")
+            from ..kernel.inject import inject_userfaultfd
+
+            uffd = inject_userfaultfd(pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
+            try:
+                tracker = Tracker(identity, uffd, auto=True)
+            except BaseException:
+                uffd.close()
+                raise
+            if tracker.mm_fingerprint == before == mm_fingerprint(pid):
+                return tracker
+            tracker.close()
+            old = None
+        raise KernelError(0, f"process {pid} kept executing new programs while being re-armed")
+
+    def pending_child(self, parent: ManagedSession, pid: int) -> PendingChild:
+        """A child process of ``parent``'s target, to be adopted as a session of its own."""
+        record = parent.record
+        return PendingChild(
+            pid=pid,
+            session_id=_new_session_id(),
+            parent_session_id=record.session_id,
+            root_session_id=record.root_session_id or record.session_id,
+            labels=dict(record.labels),
+            follow_exec=record.follow_exec,
+            tick_interval_ms=record.tick_interval_ms,
+            owner=record.owner,
+        )
+
+    def pending_child_of_pending(self, parent: PendingChild, pid: int) -> PendingChild:
+        """A child of a process whose own session is still being created."""
+        return PendingChild(
+            pid=pid,
+            session_id=_new_session_id(),
+            parent_session_id=parent.session_id,
+            root_session_id=parent.root_session_id,
+            labels=dict(parent.labels),
+            follow_exec=parent.follow_exec,
+            tick_interval_ms=parent.tick_interval_ms,
+            owner=parent.owner,
+        )
+
+    def _tree_size(self, root_session_id: str) -> int:
+        """Active sessions of the tree, plus children being adopted into it."""
+        n_sessions = sum(
+            1
+            for s in self._sessions.values()
+            if s.active and root_session_id in (s.session_id, s.record.root_session_id)
+        )
+        return n_sessions + sum(1 for p in self.follower.pending.values() if p.root_session_id == root_session_id)
+
+    async def adopt_child(self, pending: PendingChild) -> None:
+        """Make ``pending`` a session (its children are followed too); never raises.
+
+        A child that exits first leaves nothing behind (counted); a tree at
+        ``max_sessions_per_tree`` refuses it (RESOURCE_EXHAUSTED, logged and counted); a vfork
+        child still sharing its parent's memory waits for its exec.
+        """
+        counters = self.follower.counters
+        if self.follower.pending.get(pending.pid) is not pending:
+            return
+        active = sum(1 for s in self._sessions.values() if s.active)
+        limit = self.settings.max_sessions_per_tree
+        # The tree's count includes this child's own pending entry.
+        if self._tree_size(pending.root_session_id) > limit or active >= self.settings.max_sessions:
+            del self.follower.pending[pending.pid]
+            counters.n_children_refused += 1
+            log.warning(
+                "RESOURCE_EXHAUSTED: child pid %d of session %s not followed: its tree has %d sessions "
+                "(max_sessions_per_tree %d, max_sessions %d)",
+                pending.pid,
+                pending.parent_session_id,
+                self._tree_size(pending.root_session_id),
+                limit,
+                self.settings.max_sessions,
+            )
+            return
+        parent = self._sessions.get(pending.parent_session_id)
+        parent_pid = parent.record.pid if parent is not None else 0
+        try:
+            tracker = await self._track_child_retrying(pending.pid, parent_pid)
+        except _SharesMemory:
+            pending.waiting_for_exec = True
+            if pending.exec_seen:  # the exec came while we looked
+                pending.waiting_for_exec = False
+                self.run_in_background(self.adopt_child(pending))
+            return
+        except ProcessGone:
+            self.follower.pending.pop(pending.pid, None)
+            counters.n_children_exited_early += 1
+            return
+        except (WriteWatchError, OSError) as exc:
+            self.follower.pending.pop(pending.pid, None)
+            counters.n_children_failed += 1
+            log.warning("child pid %d of session %s not followed: %s", pending.pid, pending.parent_session_id, exc)
+            return
+        if self.follower.pending.get(pending.pid) is not pending:
+            tracker.close()  # the daemon is shutting down, or the child was adopted otherwise
+            return
+        identity = tracker.identity
+        record = SessionRecord(
+            session_id=pending.session_id,
+            pid=identity.pid,
+            start_time_ticks=identity.start_time_ticks,
+            attach_mode=int(AttachMode.INJECT),
+            created_at_unix_ns=time.time_ns(),
+            auto_ranges=True,
+            tick_interval_ms=pending.tick_interval_ms,
+            labels=pending.labels,
+            epoch=time.time_ns(),
+            comm=_comm(identity.pid),
+            follow_exec=pending.follow_exec,
+            follow_children=True,
+            parent_session_id=pending.parent_session_id,
+            root_session_id=pending.root_session_id,
+            cmdline=_cmdline(identity.pid),
+            uid=_uid(identity.pid),
+            owner=pending.owner,
+        )
+        session = ManagedSession(record, tracker, self)
+        self._sessions[record.session_id] = session
+        counters.n_children_adopted += 1
+        await self.persist(record)
+        await session.begin()
+        if not session.active:
+            self.follower.pending.pop(pending.pid, None)
+
+    async def _track_child_retrying(self, pid: int, parent_pid: int) -> Tracker:
+        """:meth:`_track_child`, tried again while the child lives: a child caught in the middle
+        of its own execve can refuse the injection once."""
+        loop = asyncio.get_running_loop()
+        for attempt in range(_ADOPT_ATTEMPTS):
+            try:
+                return await loop.run_in_executor(self.executor, self._track_child, pid, parent_pid)
+            except (ProcessGone, _SharesMemory):
+                raise
+            except (WriteWatchError, OSError):
+                if attempt + 1 == _ADOPT_ATTEMPTS:
+                    raise
+                await asyncio.sleep(_ADOPT_RETRY_S)
+        raise AssertionError("unreachable")
+
+    def _track_child(self, pid: int, parent_pid: int) -> Tracker:
+        """Inject into a new child and track all of it (blocking)."""
+        identity = ProcessIdentity.of(pid)
+        if parent_pid and shares_memory(parent_pid, pid):
+            raise _SharesMemory(pid)
+        from ..kernel.inject import inject_userfaultfd
+
+        before = mm_fingerprint(pid)
+        uffd = inject_userfaultfd(pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
+        try:
+            tracker = Tracker(identity, uffd, auto=True)
+        except BaseException:
+            uffd.close()
+            raise
+        if tracker.mm_fingerprint != before:
+            # It executed while we injected; the exec event (or the first poll) re-arms it.
+            tracker.close()
+            return self._track_child(pid, 0)
+        return tracker
+
     def _reobtain_uffd(self, record: SessionRecord) -> Userfaultfd:
         if record.attach_mode == AttachMode.COOPERATIVE and record.uffd_fd is not None:
             return Userfaultfd.from_process(record.pid, record.uffd_fd)
@@ -768,3 +1070,23 @@ def _uid(pid: int) -> int:
 
 def _new_session_id() -> str:
     return f"s-{secrets.token_hex(6)}"
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return read_cmdline(pid)
+    except WriteWatchError:
+        return []
+
+
+class _NotFollowable(WriteWatchError):
+    """The program a target executed is not followed; the message says why."""
+
+
+class _SharesMemory(WriteWatchError):
+    """A vfork child still runs on its parent's memory: a uffd made in it would track the parent."""
+
+
+_EXEC_RETRIES = 3
+_ADOPT_ATTEMPTS = 3
+_ADOPT_RETRY_S = 0.02

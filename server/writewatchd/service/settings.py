@@ -111,6 +111,15 @@ class Settings(BaseSettings):
     socket_requires_token: bool = Field(False, description="Unix socket callers need a token too (else: admin)")
     socket_group: str | None = Field(None, description="group (name or gid) given the Unix socket, mode 0660")
     audit_log: Path | None = Field(None, description="file of the audit trail (JSON lines); default: the log")
+    max_sessions_per_tree: int = Field(
+        64, ge=1, description="sessions of one followed process tree (root and descendants) at most"
+    )
+    process_events: bool = Field(
+        True, description="learn execs and forks from the process-events connector; false: poll /proc"
+    )
+    process_poll_interval_ms: int = Field(
+        1000, ge=10, description="how often followed processes are polled when process events are unavailable"
+    )
 
     @field_validator("listen")
     @classmethod

@@ -38,6 +38,17 @@ class SessionRecord:
     """Effective uid of the target at attach time (-1: unknown, recorded by an older daemon)."""
     owner: str = ""
     """The identity that created the session (``token:NAME``, ``certificate:NAME``, ``unix-socket``)."""
+    follow_exec: bool = False
+    """Continue in a new epoch when the target executes a new program (False: end EXECED)."""
+    follow_children: bool = False
+    """Each child process of the target becomes a session of its own."""
+    parent_session_id: str = ""
+    """The session of the parent process, for a followed child."""
+    root_session_id: str = ""
+    """The session at the root of a followed tree ("" for the root itself)."""
+    n_execs_followed: int = 0
+    cmdline: list[str] = field(default_factory=list)
+    """The argument vector of the program tracked now (empty when unreadable)."""
 
 
 class StateStore:

@@ -129,6 +129,11 @@ class Tracker:
         """The ranges tracked right now, sorted and merged."""
         return self._registered.regions
 
+    @property
+    def mm_fingerprint(self) -> tuple[int, ...]:
+        """The mm fingerprint of the program this tracker's userfaultfd belongs to (kernel.md §8.3)."""
+        return self._mm_fingerprint
+
     def has_exited(self) -> bool:
         """Whether the target has exited (a zombie counts); never blocks."""
         return self._process.has_exited()

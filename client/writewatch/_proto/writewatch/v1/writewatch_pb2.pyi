@@ -439,6 +439,11 @@ class Session(_message.Message):
     STATISTICS_FIELD_NUMBER: _builtins.int
     N_TRACKED_PAGES_FIELD_NUMBER: _builtins.int
     COMM_FIELD_NUMBER: _builtins.int
+    PARENT_SESSION_ID_FIELD_NUMBER: _builtins.int
+    N_EXECS_FOLLOWED_FIELD_NUMBER: _builtins.int
+    ARGV_FIELD_NUMBER: _builtins.int
+    FOLLOW_EXEC_FIELD_NUMBER: _builtins.int
+    FOLLOW_CHILDREN_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Unique identifier, assigned by the daemon."""
     pid: _builtins.int
@@ -468,7 +473,17 @@ class Session(_message.Message):
     n_tracked_pages: _builtins.int
     """Total size of the tracked ranges in pages."""
     comm: _builtins.str
-    """Command name of the target (/proc/PID/comm) at attach time."""
+    """Command name of the target (/proc/PID/comm): of the program it runs now when exec is
+    followed, else at attach time.
+    """
+    parent_session_id: _builtins.str
+    """The session of the parent process, for a child followed with follow_children."""
+    n_execs_followed: _builtins.int
+    """How many execve the session followed (each started a new epoch with a RESYNC)."""
+    follow_exec: _builtins.bool
+    """Whether the session follows its process through execve."""
+    follow_children: _builtins.bool
+    """Whether each child process becomes a session of its own."""
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AddressRange]:
         """Ranges currently tracked, sorted (with auto_ranges: the writable private mappings)."""
@@ -480,6 +495,10 @@ class Session(_message.Message):
     @_builtins.property
     def statistics(self) -> Global___SessionStatistics:
         """Work counters."""
+
+    @_builtins.property
+    def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Argument vector of the program tracked now (empty when unreadable)."""
 
     def __init__(
         self,
@@ -501,10 +520,15 @@ class Session(_message.Message):
         statistics: Global___SessionStatistics | None = ...,
         n_tracked_pages: _builtins.int = ...,
         comm: _builtins.str = ...,
+        parent_session_id: _builtins.str = ...,
+        n_execs_followed: _builtins.int = ...,
+        argv: _abc.Iterable[_builtins.str] | None = ...,
+        follow_exec: _builtins.bool = ...,
+        follow_children: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "comm", b"comm", "created_at_unix_ns", b"created_at_unix_ns", "end_message", b"end_message", "end_reason", b"end_reason", "epoch", b"epoch", "labels", b"labels", "last_seq", b"last_seq", "n_tracked_pages", b"n_tracked_pages", "pid", b"pid", "process_start_time_ticks", b"process_start_time_ticks", "ranges", b"ranges", "session_id", b"session_id", "state", b"state", "statistics", b"statistics", "tick_interval_ms", b"tick_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "comm", b"comm", "created_at_unix_ns", b"created_at_unix_ns", "end_message", b"end_message", "end_reason", b"end_reason", "epoch", b"epoch", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "last_seq", b"last_seq", "n_execs_followed", b"n_execs_followed", "n_tracked_pages", b"n_tracked_pages", "parent_session_id", b"parent_session_id", "pid", b"pid", "process_start_time_ticks", b"process_start_time_ticks", "ranges", b"ranges", "session_id", b"session_id", "state", b"state", "statistics", b"statistics", "tick_interval_ms", b"tick_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -658,6 +682,8 @@ class CreateSessionRequest(_message.Message):
     AUTO_RANGES_FIELD_NUMBER: _builtins.int
     TICK_INTERVAL_MS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    FOLLOW_EXEC_FIELD_NUMBER: _builtins.int
+    FOLLOW_CHILDREN_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     """Target process id (COOPERATIVE and INJECT; ignored for SPAWN)."""
     attach_mode: Global___AttachMode.ValueType
@@ -670,6 +696,15 @@ class CreateSessionRequest(_message.Message):
     """Track every private writable mapping, following /proc/PID/maps."""
     tick_interval_ms: _builtins.int
     """Harvest period in milliseconds; 0 means the default (50), minimum 1."""
+    follow_exec: _builtins.bool
+    """Follow the process through execve: the session continues in a new epoch whose first
+    delta is a RESYNC of the new program (needs auto_ranges). Default true; false ends the
+    session with EXECED.
+    """
+    follow_children: _builtins.bool
+    """Each child process (not thread) becomes a session of its own, with parent_session_id
+    and these labels; its children too. Default false.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Command line of the program to start (SPAWN; argv[0] is looked up in PATH)."""
@@ -699,13 +734,20 @@ class CreateSessionRequest(_message.Message):
         auto_ranges: _builtins.bool = ...,
         tick_interval_ms: _builtins.int = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        follow_exec: _builtins.bool | None = ...,
+        follow_children: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_uffd_fd", b"_uffd_fd", "uffd_fd", b"uffd_fd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_uffd_fd", b"_uffd_fd", "follow_exec", b"follow_exec", "uffd_fd", b"uffd_fd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_uffd_fd", b"_uffd_fd", "argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "cwd", b"cwd", "env", b"env", "labels", b"labels", "pid", b"pid", "ranges", b"ranges", "tick_interval_ms", b"tick_interval_ms", "uffd_fd", b"uffd_fd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_uffd_fd", b"_uffd_fd", "argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "cwd", b"cwd", "env", b"env", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "pid", b"pid", "ranges", b"ranges", "tick_interval_ms", b"tick_interval_ms", "uffd_fd", b"uffd_fd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__follow_exec: _TypeAlias = _typing.Literal["follow_exec"]  # noqa: Y015
+    _WhichOneofArgType__follow_exec: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec"]  # noqa: Y015
     _WhichOneofReturnType__uffd_fd: _TypeAlias = _typing.Literal["uffd_fd"]  # noqa: Y015
     _WhichOneofArgType__uffd_fd: _TypeAlias = _typing.Literal["_uffd_fd", b"_uffd_fd"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__follow_exec) -> _WhichOneofReturnType__follow_exec | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__uffd_fd) -> _WhichOneofReturnType__uffd_fd | None: ...
 
 Global___CreateSessionRequest: _TypeAlias = CreateSessionRequest  # noqa: Y015
@@ -799,16 +841,20 @@ class DeleteSessionRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_ID_FIELD_NUMBER: _builtins.int
+    RECURSIVE_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session to delete."""
+    recursive: _builtins.bool
+    """Also delete the sessions of every followed descendant (follow_children)."""
     def __init__(
         self,
         *,
         session_id: _builtins.str = ...,
+        recursive: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recursive", b"recursive", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
