@@ -153,7 +153,10 @@ def test_sessions_are_listed_with_labels(client: writewatch.Client, target: Coop
 
 
 def test_exec_ends_the_session_with_reason_execed(client: writewatch.Client) -> None:
-    session = client.spawn(["/bin/sh", "-c", "sleep 0.3; exec sleep 2"], ranges="auto", tick_interval_ms=10)
+    """With follow_exec=False (exec is followed by default: tests/e2e/test_e2e_follow.py)."""
+    session = client.spawn(
+        ["/bin/sh", "-c", "sleep 0.3; exec sleep 2"], ranges="auto", tick_interval_ms=10, follow_exec=False
+    )
     for _ in session.subscribe():
         pass
     assert session.end_reason == writewatch.EndReason.EXECED, session.info().end_message
