@@ -943,11 +943,11 @@ class SessionManager:
             del self.follower.pending[pending.pid]
             counters.n_children_refused += 1
             log.warning(
-                "RESOURCE_EXHAUSTED: child pid %d of session %s not followed: its tree has %d sessions "
+                "RESOURCE_EXHAUSTED: child pid %d of session %s not followed: its tree (root %s) is full "
                 "(max_sessions_per_tree %d, max_sessions %d)",
                 pending.pid,
                 pending.parent_session_id,
-                self._tree_size(pending.root_session_id),
+                pending.root_session_id,
                 limit,
                 self.settings.max_sessions,
             )
@@ -1014,7 +1014,7 @@ class SessionManager:
             except (WriteWatchError, OSError):
                 if attempt + 1 == _ADOPT_ATTEMPTS:
                     raise
-                await asyncio.sleep(_ADOPT_RETRY_S)
+                await asyncio.sleep(_ADOPT_RETRY_S * 2**attempt)
         raise AssertionError("unreachable")
 
     def _track_child(self, pid: int, parent_pid: int) -> Tracker:
@@ -1088,5 +1088,5 @@ class _SharesMemory(WriteWatchError):
 
 
 _EXEC_RETRIES = 3
-_ADOPT_ATTEMPTS = 3
-_ADOPT_RETRY_S = 0.02
+_ADOPT_ATTEMPTS = 5
+_ADOPT_RETRY_S = 0.02  # doubled after each failure: 0.62 s in all
