@@ -118,9 +118,13 @@ class Follower:
             self.poll(session)
 
     def unwatch(self, session: ManagedSession) -> None:
-        """Forget ``session`` (it ended)."""
+        """Forget ``session`` (it ended); with nothing left to watch, stop listening (no fd held)."""
         if self.followed.get(session.record.pid) is session:
             del self.followed[session.record.pid]
+        if not self.followed and not self.pending:
+            self.close()
+            self._started = False
+            self.mode = "off"
 
     def _on_readable(self) -> None:
         assert self._listener is not None

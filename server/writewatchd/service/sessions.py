@@ -266,7 +266,9 @@ class ManagedSession:
                 current = await loop.run_in_executor(self._manager.executor, mm_fingerprint, self.record.pid)
             except WriteWatchError:
                 return  # it exited: its pidfd ends the session
-            if tracker is not None and tracker.mm_fingerprint != current:
+            # An exiting process (its mm already released) or a zombie reads zeros: an exit,
+            # which the pidfd reports, is not an exec.
+            if tracker is not None and any(current) and tracker.mm_fingerprint != current:
                 pid = self.record.pid
                 await self.finish(EndReason.EXECED, f"process {pid} executed a new program; attach again to track it")
 
@@ -869,6 +871,10 @@ class SessionManager:
         identity = ProcessIdentity(pid, record.start_time_ticks)
         for _ in range(_EXEC_RETRIES):
             before = mm_fingerprint(pid)
+            if not any(before) or not identity.is_alive():
+                # An exiting process has released its mm (its stat reads zeros), like a
+                # zombie: that would look like a new program.
+                raise ProcessGone(errno.ESRCH, f"process {pid} has exited")
             if old is not None and old.mm_fingerprint == before and not old.has_exited():
                 return None
             why = gained_privileges(pid)
@@ -934,6 +940,11 @@ class SessionManager:
         child still sharing its parent's memory waits for its exec.
         """
         counters = self.follower.counters
+        if not pending.exec_seen and self.follower.mode == "events":
+            # Most children exec at once (fork+exec). Waiting for that exec avoids injecting
+            # into a thread inside execve, which can leave it stopped with no tracer
+            # (docs/process-trees.md §7); the exec event wakes nothing, the wait is short.
+            await asyncio.sleep(_FORK_EXEC_GRACE_S)
         if self.follower.pending.get(pending.pid) is not pending:
             return
         active = sum(1 for s in self._sessions.values() if s.active)
@@ -1088,5 +1099,6 @@ class _SharesMemory(WriteWatchError):
 
 
 _EXEC_RETRIES = 3
+_FORK_EXEC_GRACE_S = 0.05
 _ADOPT_ATTEMPTS = 5
 _ADOPT_RETRY_S = 0.02  # doubled after each failure: 0.62 s in all
