@@ -110,7 +110,11 @@ class Programs:
     def close(self) -> None:
         """Close the socket and every connection; kill programs still alive."""
         self._server.close()
+        self._thread.join(5)
+        while not self._arrived.empty():
+            self.all.append(self._arrived.get())
         for program in self.all:
+            program.reader.close()  # type: ignore[attr-defined]  # it holds the socket's fd too
             program.conn.close()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(program.pid, 9)
