@@ -41,8 +41,9 @@ from .._exceptions import (
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import probe
 from ..tracking.views import View
+from .attach import AttachMode, SessionSpec
 from .hub import SessionEnd, Subscriber
-from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
+from .sessions import ManagedSession, SessionManager
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
 
 __all__ = ["MalformedRequest", "WriteWatchServicer", "generic_handler"]
@@ -66,7 +67,6 @@ _STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
     (KernelError, grpc.StatusCode.FAILED_PRECONDITION),
     (ImportError, grpc.StatusCode.UNIMPLEMENTED),
 ]
-_MAX_TICK_INTERVAL_MS = 3_600_000
 
 
 # Status details travel in a trailer; clients refuse trailers over 8 KiB by default and would
@@ -185,8 +185,6 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
         except ValueError:
             raise UsageError(f"unknown attach_mode {request.attach_mode}") from None
-        if request.tick_interval_ms > _MAX_TICK_INTERVAL_MS:
-            raise UsageError(f"tick_interval_ms must be <= {_MAX_TICK_INTERVAL_MS}")
         _check_labels(dict(request.labels))
         if mode != AttachMode.SPAWN and request.argv:
             raise UsageError("argv is only for attach_mode SPAWN")

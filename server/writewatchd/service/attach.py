@@ -1,0 +1,140 @@
+"""Obtaining a tracker: attach (cooperative or injected), spawn, and re-adoption after a restart.
+
+Everything here but :func:`readopt_tracker` blocks on the kernel: run it in the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import subprocess
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from writewatch import AttachMode
+
+from .._exceptions import ProcessGone, RangeBusy, UsageError, WriteWatchError
+from ..kernel import ProcessIdentity, Userfaultfd, read_status
+from ..tracking.tracker import Tracker
+from .store import SessionRecord
+
+if TYPE_CHECKING:
+    from ..kernel.spawn import SpawnedProcess
+
+__all__ = ["AttachMode", "SessionSpec", "process_name", "readopt_tracker", "start_tracker"]
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSpec:
+    """A validated request for a new session."""
+
+    attach_mode: AttachMode
+    pid: int = 0
+    uffd_fd: int | None = None
+    argv: tuple[str, ...] = ()
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    ranges: tuple[tuple[int, int], ...] = ()
+    auto_ranges: bool = False
+    tick_interval_ms: int = 0
+    labels: dict[str, str] | None = None
+
+
+# A killed daemon's kernel resources are released fd by fd after its lock is: a successor
+# that starts at once may find the memory still registered for a moment.
+_READOPT_BUSY_ATTEMPTS = 5
+_READOPT_BUSY_BACKOFF_S = 0.2
+
+
+def start_tracker(spec: SessionSpec, *, inject_deadline_s: float) -> tuple[Tracker, SpawnedProcess | None]:
+    """Obtain the target's userfaultfd as ``spec`` says and start tracking (blocking)."""
+    if spec.attach_mode == AttachMode.SPAWN:
+        return _spawn(spec)
+    _check_pid(spec.pid)
+    if spec.attach_mode == AttachMode.COOPERATIVE:
+        if spec.uffd_fd is None or spec.uffd_fd < 0:
+            raise UsageError("cooperative attach needs uffd_fd, the target's userfaultfd fd number")
+        uffd = Userfaultfd.from_process(spec.pid, spec.uffd_fd)
+    elif spec.attach_mode == AttachMode.INJECT:
+        uffd = _inject(spec.pid, inject_deadline_s)
+    else:
+        raise UsageError(f"unknown attach mode {spec.attach_mode}")
+    try:
+        return Tracker(ProcessIdentity.of(spec.pid), uffd, ranges=spec.ranges, auto=spec.auto_ranges), None
+    except BaseException:
+        uffd.close()
+        raise
+
+
+async def readopt_tracker(
+    record: SessionRecord, identity: ProcessIdentity, executor: Executor, *, inject_deadline_s: float
+) -> Tracker:
+    """A tracker on a fresh userfaultfd; EBUSY is retried while a dying predecessor releases its own."""
+    loop = asyncio.get_running_loop()
+    for attempt in range(_READOPT_BUSY_ATTEMPTS):
+        try:
+            uffd = await loop.run_in_executor(executor, _reobtain_uffd, record, inject_deadline_s)
+            return await loop.run_in_executor(
+                executor,
+                functools.partial(Tracker, identity, uffd, ranges=record.ranges, auto=record.auto_ranges),
+            )
+        except RangeBusy:
+            if attempt + 1 == _READOPT_BUSY_ATTEMPTS:
+                raise
+            await asyncio.sleep(_READOPT_BUSY_BACKOFF_S)
+    raise AssertionError("unreachable")
+
+
+def process_name(pid: int) -> str:
+    """The process's name (``comm``), or ``""`` when it cannot be read."""
+    try:
+        return read_status(pid).name
+    except WriteWatchError:
+        return ""
+
+
+def _inject(pid: int, deadline_s: float) -> Userfaultfd:
+    from ..kernel.inject import inject_userfaultfd
+
+    return inject_userfaultfd(pid, deadline_s=deadline_s).uffd
+
+
+def _spawn(spec: SessionSpec) -> tuple[Tracker, SpawnedProcess]:
+    from ..kernel.spawn import spawn_tracked
+
+    if not spec.argv:
+        raise UsageError("spawn needs argv")
+    trackers: list[Tracker] = []
+
+    def track_before_first_instruction(uffd: Userfaultfd) -> None:
+        identity = ProcessIdentity.of(uffd.owner_pid)
+        trackers.append(Tracker(identity, uffd, ranges=spec.ranges, auto=spec.auto_ranges))
+
+    try:
+        spawned = spawn_tracked(
+            list(spec.argv),
+            env=spec.env,
+            cwd=spec.cwd,
+            stdin=subprocess.DEVNULL,
+            before_start=track_before_first_instruction,
+        )
+    except FileNotFoundError as exc:
+        raise UsageError(f"cannot spawn {spec.argv[0]!r}: {exc.strerror}") from None
+    return trackers[0], spawned
+
+
+def _reobtain_uffd(record: SessionRecord, inject_deadline_s: float) -> Userfaultfd:
+    if record.attach_mode == AttachMode.COOPERATIVE and record.uffd_fd is not None:
+        return Userfaultfd.from_process(record.pid, record.uffd_fd)
+    return _inject(record.pid, inject_deadline_s)
+
+
+def _check_pid(pid: int) -> None:
+    if pid <= 0:
+        raise UsageError(f"pid must be > 0, got {pid}")
+    try:
+        read_status(pid)
+    except ProcessGone:
+        raise ProcessGone(errno.ESRCH, f"process {pid} does not exist") from None
