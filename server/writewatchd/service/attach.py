@@ -13,17 +13,16 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from writewatch import AttachMode
-
 from .._exceptions import ProcessGone, RangeBusy, UsageError, WriteWatchError
 from ..kernel import ProcessIdentity, Userfaultfd, read_status
 from ..tracking.tracker import Tracker
+from .enums import AttachMode
 from .store import SessionRecord
 
 if TYPE_CHECKING:
     from ..kernel.spawn import SpawnedProcess
 
-__all__ = ["AttachMode", "SessionSpec", "process_name", "readopt_tracker", "start_tracker"]
+__all__ = ["SessionSpec", "process_name", "readopt_tracker", "start_tracker"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from writewatch import EndReason
-
 from ..tracking.delta import Delta, merge_deltas
 from ..tracking.regions import RegionArray, RegionSet
+from .enums import EndReason
 
 __all__ = ["EndReason", "Hub", "HubStatistics", "Published", "SessionEnd", "Subscriber", "SubscriberStatistics"]
 

@@ -41,7 +41,8 @@ from .._exceptions import (
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import probe
 from ..tracking.views import View
-from .attach import AttachMode, SessionSpec
+from .attach import SessionSpec
+from .enums import AttachMode
 from .hub import SessionEnd, Subscriber
 from .sessions import ManagedSession, SessionManager
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message

@@ -37,8 +37,9 @@ from ..tracking.regions import EMPTY, RegionArray, as_regions
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
-from .attach import AttachMode, SessionSpec, process_name, readopt_tracker, start_tracker
-from .hub import EndReason, Hub, Published, Subscriber
+from .attach import SessionSpec, process_name, readopt_tracker, start_tracker
+from .enums import AttachMode, EndReason
+from .hub import Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
 from .ticker import Ticker, tick_interval_ms

@@ -9,9 +9,18 @@ from typing import Any
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from writewatch import default_address
+__all__ = ["Settings", "default_listen_address", "default_state_dir"]
 
-__all__ = ["Settings", "default_state_dir"]
+
+def default_listen_address() -> str:
+    """Where the daemon listens by default: its Unix socket under $XDG_RUNTIME_DIR, else under /run.
+
+    The client's ``writewatch.default_address()`` must agree (a test pins them equal).
+    """
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return f"unix:{runtime_dir}/writewatch/writewatchd.sock"
+    return "unix:/run/writewatch/writewatchd.sock"
 
 
 def default_state_dir() -> Path:
@@ -27,7 +36,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WRITEWATCHD_", extra="forbid", toml_file=None)
 
-    listen: str = Field(default_factory=default_address, description="unix:PATH or tcp:HOST:PORT")
+    listen: str = Field(default_factory=default_listen_address, description="unix:PATH or tcp:HOST:PORT")
     socket_mode: int = Field(0o600, description="permission bits of the Unix socket")
     state_dir: Path = Field(default_factory=default_state_dir, description="directory of the SQLite state store")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; required for tcp: unless insecure_tcp")
