@@ -38,7 +38,7 @@ from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
 from .attach import SessionSpec, process_name, readopt_tracker, start_tracker
-from .enums import AttachMode, EndReason
+from .enums import AttachMode, EndReason, SessionState
 from .hub import Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
@@ -111,7 +111,7 @@ class ManagedSession:
         self.harvest_lock = asyncio.Lock()
         """Serialises harvests (tick and on-demand), so deltas are numbered in publication order."""
         self._pidfd = -1
-        self.settled = record.state == "ENDED"
+        self.settled = record.state == SessionState.ENDED
         """Ended, and its last record written: retention may prune it."""
 
     @property
@@ -122,7 +122,7 @@ class ManagedSession:
     @property
     def active(self) -> bool:
         """Whether the session still tracks its process."""
-        return self.record.state == "ACTIVE"
+        return self.record.state == SessionState.ACTIVE
 
     @property
     def tracked(self) -> RegionArray:
@@ -349,7 +349,7 @@ class ManagedSession:
         """End the session: streams get their final message, the kernel resources are released."""
         if not self.active:
             return
-        self.record.state = "ENDED"
+        self.record.state = SessionState.ENDED
         self.record.end_reason = int(reason)
         self.record.end_message = message
         self.record.ended_at_unix_ns = time.time_ns()
@@ -481,9 +481,9 @@ class SessionManager:
         record stays ACTIVE for whoever holds it.
         """
         outcome = Readoption()
-        for record in self.store.load("ENDED"):
+        for record in self.store.load(SessionState.ENDED):
             self._add_ended(record)
-        for record in self.store.load("ACTIVE"):
+        for record in self.store.load(SessionState.ACTIVE):
             identity = ProcessIdentity(record.pid, record.start_time_ticks)
             if not identity.is_alive():
                 await self._record_ended(record, EndReason.EXITED, "the process exited while the daemon was down")
@@ -525,7 +525,7 @@ class SessionManager:
         return outcome
 
     async def _record_ended(self, record: SessionRecord, reason: EndReason, message: str) -> None:
-        record.state = "ENDED"
+        record.state = SessionState.ENDED
         record.end_reason = int(reason)
         record.end_message = message
         record.ended_at_unix_ns = time.time_ns()
