@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import logging
 import subprocess
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -16,13 +17,15 @@ from typing import TYPE_CHECKING
 from .._exceptions import ProcessGone, RangeBusy, UsageError, WriteWatchError
 from ..kernel import ProcessIdentity, Userfaultfd, read_status
 from ..tracking.tracker import Tracker
-from .enums import AttachMode
+from .enums import AttachMode, EndReason
 from .store import SessionRecord
 
 if TYPE_CHECKING:
     from ..kernel.spawn import SpawnedProcess
 
-__all__ = ["SessionSpec", "process_name", "readopt_tracker", "start_tracker"]
+__all__ = ["Readopted", "SessionSpec", "process_name", "readopt", "start_tracker"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,44 @@ def start_tracker(spec: SessionSpec, *, inject_deadline_s: float) -> tuple[Track
         raise
 
 
-async def readopt_tracker(
+@dataclass(frozen=True, slots=True)
+class Readopted:
+    """What re-adoption made of one ACTIVE record.
+
+    A ``tracker`` when adopted; else the ``(reason, message)`` the session ended with, or
+    ``end`` None when another userfaultfd still tracks the memory (the record stays ACTIVE).
+    """
+
+    tracker: Tracker | None = None
+    end: tuple[EndReason, str] | None = None
+
+
+async def readopt(record: SessionRecord, executor: Executor, *, inject_deadline_s: float) -> Readopted:
+    """Track the process of a previous daemon's session again, on a fresh userfaultfd."""
+    identity = ProcessIdentity(record.pid, record.start_time_ticks)
+    if not identity.is_alive():
+        return Readopted(end=(EndReason.EXITED, "the process exited while the daemon was down"))
+    try:
+        tracker = await _readopt_tracker(record, identity, executor, inject_deadline_s=inject_deadline_s)
+    except RangeBusy as exc:
+        log.warning(
+            "session %s (pid %d) not re-adopted, its record stays ACTIVE: another userfaultfd still "
+            "tracks its memory (%s); is another writewatchd tracking pid %d?",
+            record.session_id,
+            record.pid,
+            exc,
+            record.pid,
+        )
+        return Readopted()
+    except Exception as exc:
+        if not identity.is_alive():
+            return Readopted(end=(EndReason.EXITED, "the process exited while being re-adopted"))
+        log.warning("could not re-adopt session %s (pid %d): %r", record.session_id, record.pid, exc)
+        return Readopted(end=(EndReason.ERROR, f"re-adoption failed: {exc}"))
+    return Readopted(tracker=tracker)
+
+
+async def _readopt_tracker(
     record: SessionRecord, identity: ProcessIdentity, executor: Executor, *, inject_deadline_s: float
 ) -> Tracker:
     """A tracker on a fresh userfaultfd; EBUSY is retried while a dying predecessor releases its own."""

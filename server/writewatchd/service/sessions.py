@@ -5,6 +5,11 @@ blocks on the kernel. Sessions of one tick interval are harvested together by a
 :class:`~.ticker.Ticker`; how a tracker is obtained (attach, spawn, re-adoption) is in
 :mod:`.attach`. A per-session asyncio lock serialises tick and on-demand harvests, which
 keeps delta numbers in publication order.
+
+Longer than 450 lines on purpose: a :class:`ManagedSession` and the :class:`SessionManager`
+that creates, re-adopts, prunes and shuts sessions down are one unit (a session calls back
+into its manager to persist, join a ticker, run background work and prune), and what has a
+seam of its own (the ticker, the attach logic, the hub) already lives apart.
 """
 
 from __future__ import annotations
@@ -24,20 +29,19 @@ from .._exceptions import (
     AlreadyTracked,
     LimitExceeded,
     ProcessGone,
-    RangeBusy,
     SessionEnded,
     SessionNotFound,
     UsageError,
     ViewNotFound,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult
+from ..kernel import PAGE_SIZE, ScanResult
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
 from ..tracking.regions import EMPTY, RegionArray, as_regions
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
-from .attach import SessionSpec, process_name, readopt_tracker, start_tracker
+from .attach import SessionSpec, process_name, readopt, start_tracker
 from .enums import AttachMode, EndReason, SessionState
 from .hub import Hub, Published, Subscriber
 from .settings import Settings
@@ -484,35 +488,15 @@ class SessionManager:
         for record in self.store.load(SessionState.ENDED):
             self._add_ended(record)
         for record in self.store.load(SessionState.ACTIVE):
-            identity = ProcessIdentity(record.pid, record.start_time_ticks)
-            if not identity.is_alive():
-                await self._record_ended(record, EndReason.EXITED, "the process exited while the daemon was down")
-                outcome.exited.append(record)
-                continue
-            try:
-                tracker = await readopt_tracker(
-                    record, identity, self.executor, inject_deadline_s=self._inject_deadline_s
-                )
-            except RangeBusy as exc:
-                log.warning(
-                    "session %s (pid %d) not re-adopted, its record stays ACTIVE: another userfaultfd still "
-                    "tracks its memory (%s); is another writewatchd tracking pid %d?",
-                    record.session_id,
-                    record.pid,
-                    exc,
-                    record.pid,
-                )
-                outcome.kept.append(record)
-                continue
-            except Exception as exc:
-                if not identity.is_alive():
-                    await self._record_ended(record, EndReason.EXITED, "the process exited while being re-adopted")
-                    outcome.exited.append(record)
+            readopted = await readopt(record, self.executor, inject_deadline_s=self._inject_deadline_s)
+            if readopted.tracker is None:
+                if readopted.end is None:
+                    outcome.kept.append(record)
                     continue
-                log.warning("could not re-adopt session %s (pid %d): %r", record.session_id, record.pid, exc)
-                await self._record_ended(record, EndReason.ERROR, f"re-adoption failed: {exc}")
-                outcome.failed.append(record)
+                await self._record_ended(record, *readopted.end)
+                (outcome.exited if readopted.end[0] == EndReason.EXITED else outcome.failed).append(record)
                 continue
+            tracker = readopted.tracker
             record.epoch = time.time_ns()
             # The views come back with the first delta of the new epoch, a RESYNC: every
             # tracked page written, since what happened meanwhile is unknown.
