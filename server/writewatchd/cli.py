@@ -182,7 +182,7 @@ def demo(
             )
             if subprocess.run([*writewatch, "watch", session_id, "--seconds", str(seconds)], check=False).returncode:
                 raise typer.Exit(1)
-            listed = _run_json([*writewatch, "sessions", "--json"])
+            listed = _run_json([*writewatch, "sessions", "--all", "--json"])
             last_seq = next(s["last_seq"] for s in listed if s["session_id"] == session_id)
             subprocess.run([*writewatch, "close", session_id], check=True, stdout=subprocess.DEVNULL)
         finally:

@@ -14,7 +14,7 @@ def test_demo_watches_the_writer_with_the_writewatch_command() -> None:
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=180,
         check=False,
     )
     assert done.returncode == 0, done.stderr
