@@ -1,5 +1,5 @@
 """What the daemon owns but the client must agree on: its enums (equal to the wire's and the
-client's, member for member) and its default address."""
+client's, member for member), its default address, and the error reasons it names."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import pytest
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 import writewatch
+from writewatch._exceptions import ERROR_REASON_KEY, ERRORS_BY_REASON, rpc_error
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatchd.service import enums
+from writewatchd.service.servicer import ERROR_REASON_KEY as SERVER_ERROR_REASON_KEY
+from writewatchd.service.servicer import ERROR_REASONS
 from writewatchd.service.settings import Settings, default_listen_address
 
 
@@ -47,3 +50,10 @@ def test_daemon_listens_where_the_client_looks(monkeypatch: pytest.MonkeyPatch, 
         monkeypatch.setenv("XDG_RUNTIME_DIR", runtime_dir)
     assert default_listen_address() == writewatch.default_address()
     assert Settings().listen == writewatch.default_address()
+
+
+def test_every_client_error_reason_is_one_the_daemon_sends_with_the_same_code() -> None:
+    for reason, cls in ERRORS_BY_REASON.items():
+        assert reason in ERROR_REASONS, reason
+        assert rpc_error(ERROR_REASONS[reason], "m", reason).__class__ is cls
+    assert ERROR_REASON_KEY == SERVER_ERROR_REASON_KEY

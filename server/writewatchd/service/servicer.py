@@ -1,7 +1,9 @@
 """The ``writewatch.v1.WriteWatch`` gRPC service: request validation and status codes.
 
-Domain exceptions become gRPC statuses in one place, :func:`_status_for`; a handler never
-leaks a traceback to a client.
+Domain exceptions become gRPC statuses in one place, :func:`_abort`: the status code, the
+message, and the error's reason (its class in UPPER_SNAKE, ``SESSION_ENDED``) in the trailing
+metadata :data:`ERROR_REASON_KEY`, so clients tell errors apart without reading messages. A
+handler never leaks a traceback to a client.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -47,7 +50,7 @@ from .hub import SessionEnd, Subscriber
 from .sessions import ManagedSession, SessionManager
 from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
 
-__all__ = ["MalformedRequest", "WriteWatchServicer", "generic_handler"]
+__all__ = ["ERROR_REASONS", "ERROR_REASON_KEY", "MalformedRequest", "WriteWatchServicer", "generic_handler"]
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +83,29 @@ def _details(problem: object) -> str:
     return text if len(text) <= _MAX_DETAILS_CHARS else text[: _MAX_DETAILS_CHARS - 1] + "…"
 
 
-def _status_for(exc: BaseException) -> grpc.StatusCode:
+ERROR_REASON_KEY = "writewatch-error-reason"
+"""Trailing metadata key of the reason behind a failed call's status."""
+
+
+def _reason(cls: type[BaseException]) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper() if issubclass(cls, WriteWatchError) else ""
+
+
+ERROR_REASONS = {_reason(cls): code for cls, code in _STATUS if _reason(cls)}
+"""Every reason the service sends, with the status code it goes with."""
+
+
+def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     for cls, code in _STATUS:
         if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
+            return code, _reason(cls)
+    return grpc.StatusCode.INTERNAL, ""
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
+    """End the call with the status of a domain error: code, message and reason (the one mapping boundary)."""
+    code, reason = _status_for(exc)
+    await context.abort(code, _details(exc), trailing_metadata=((ERROR_REASON_KEY, reason),) if reason else ())
 
 
 def _rpc(
@@ -99,7 +120,7 @@ def _rpc(
         try:
             return await method(self, request, context)
         except (WriteWatchError, ImportError) as exc:
-            await context.abort(_status_for(exc), _details(exc))
+            await _abort(context, exc)
         except Exception as exc:
             log.exception("%s failed", method.__name__)
             await context.abort(
@@ -272,7 +293,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             filter_ranges = ranges_from_message(request.filter_ranges) if request.filter_ranges else None
             subscriber = session.subscribe(resume, filter_ranges)
         except WriteWatchError as exc:
-            await context.abort(_status_for(exc), _details(exc))
+            await _abort(context, exc)
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
         self._open_streams += 1
