@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
 import writewatch
 from daemonproc import DaemonProcess
-from targets import NO_TICKS_MS, CoopTarget
+from targets import NO_TICKS_MS, CoopTarget, traced_by_another_process
 
 
 @pytest.fixture
-def client(shared_daemon: DaemonProcess) -> Iterator[writewatch.Client]:
-    with writewatch.Client(shared_daemon.address, timeout_s=20) as c:
-        yield c
+def daemon(shared_daemon: DaemonProcess) -> DaemonProcess:
+    """Nothing here changes the daemon for another test: one serves the whole module."""
+    return shared_daemon
 
 
 @pytest.fixture
@@ -59,19 +57,9 @@ def test_errors_opening_a_stream_carry_their_reason_too(shared_daemon: DaemonPro
 
 
 def test_a_refused_injection_is_injection_refused(client: writewatch.Client, target: CoopTarget) -> None:
-    code = (
-        "import sys, time\n"
-        "from writewatchd.kernel.ptrace import seize\n"
-        "seize(int(sys.argv[1]))\n"
-        "print('ok', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    tracer = subprocess.Popen([sys.executable, "-c", code, str(target.pid)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "ok"
-        with pytest.raises(writewatch.InjectionRefused, match=f"already traced by process {tracer.pid}") as info:
-            client.attach(target.pid, ranges=[(target.base, target.end)], tick_interval_ms=NO_TICKS_MS)
-        assert isinstance(info.value, writewatch.FailedPrecondition) and info.value.reason == "INJECTION_REFUSED"
-    finally:
-        tracer.kill()
-        tracer.wait()
+    with (
+        traced_by_another_process(target.pid) as tracer_pid,
+        pytest.raises(writewatch.InjectionRefused, match=f"already traced by process {tracer_pid}") as info,
+    ):
+        client.attach(target.pid, ranges=[(target.base, target.end)], tick_interval_ms=NO_TICKS_MS)
+    assert isinstance(info.value, writewatch.FailedPrecondition) and info.value.reason == "INJECTION_REFUSED"
