@@ -138,7 +138,7 @@ class ManagedSession:
         """Harvest counters (zero for a session that ended before this daemon started)."""
         return self.tracker.statistics if self.tracker is not None else HarvestStatistics()
 
-    def _live_tracker(self) -> Tracker:
+    def _require_active(self) -> Tracker:
         """The tracker of an active session; the one place that raises :class:`SessionEnded`."""
         if self.tracker is None or not self.active:
             message = f": {self.record.end_message}" if self.record.end_message else ""
@@ -185,18 +185,18 @@ class ManagedSession:
         Raises :class:`SessionEnded` when the session has ended, also when this harvest finds
         the target gone (the session then ends).
         """
-        self._live_tracker()
+        self._require_active()
         async with self.harvest_lock:
             return await self._harvest_locked()
 
     async def _harvest_locked(self) -> Harvested:
-        self._live_tracker()
+        self._require_active()
         loop = asyncio.get_running_loop()
         try:
             published = await loop.run_in_executor(self._manager.executor, self.harvest_blocking)
         except ProcessGone as exc:
             await self._finish_gone(exc)
-            self._live_tracker()
+            self._require_active()
             raise
         # Read under the lock: no other harvest can publish between this one and the position.
         return Harvested(self._publish(published), self.hub.epoch, self.hub.last_seq)
@@ -228,7 +228,7 @@ class ManagedSession:
 
         Raises :class:`ProcessGone` once the target has exited, :class:`SessionEnded` once the session has.
         """
-        tracker = self._live_tracker()
+        tracker = self._require_active()
         regions = tracker.harvest()  # raises ProcessGone once the target has exited
         if len(regions) == 0 and self.hub.last_seq:
             return None  # the common idle case: nothing to count, number or encode
@@ -281,7 +281,7 @@ class ManagedSession:
         existing = self.views.get(name)
         if existing is not None:
             return existing, False
-        self._live_tracker()
+        self._require_active()
         async with self.harvest_lock:
             existing = self.views.get(name)
             if existing is not None:
@@ -330,7 +330,7 @@ class ManagedSession:
 
     def scan(self, start: int, end: int, **masks: int) -> ScanResult:
         """A read-only PAGEMAP_SCAN of the target (blocking; run it in the executor)."""
-        return self._live_tracker().scan(start, end, **masks)
+        return self._require_active().scan(start, end, **masks)
 
     def dirty_rate(self) -> DirtyRate:
         """Written pages/bytes/regions per second over the last second."""
@@ -338,12 +338,12 @@ class ManagedSession:
 
     async def change_ranges(self, ranges: Sequence[tuple[int, int]], *, add: bool) -> None:
         """Track more explicit ranges, or stop tracking some."""
-        self._live_tracker()
+        self._require_active()
         if not ranges:
             raise UsageError("no ranges given")
         async with self.harvest_lock:
             loop = asyncio.get_running_loop()
-            tracker = self._live_tracker()
+            tracker = self._require_active()
             change = tracker.add_ranges if add else tracker.remove_ranges
             await loop.run_in_executor(self._manager.executor, change, as_regions(ranges))
             self.record.ranges = [(int(s), int(e)) for s, e in tracker.tracked.tolist()]
