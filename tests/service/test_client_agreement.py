@@ -12,9 +12,9 @@ import writewatch
 from writewatch._exceptions import ERROR_REASON_KEY, ERRORS_BY_REASON, rpc_error
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatchd.service import enums
-from writewatchd.service.servicer import ERROR_REASON_KEY as SERVER_ERROR_REASON_KEY
-from writewatchd.service.servicer import ERROR_REASONS
 from writewatchd.service.settings import Settings, default_listen_address
+from writewatchd.service.status import ERROR_REASON_KEY as SERVER_ERROR_REASON_KEY
+from writewatchd.service.status import ERROR_REASONS
 
 
 def _wire_members(wrapper: EnumTypeWrapper, prefix: str) -> dict[str, int]:

@@ -1,9 +1,7 @@
-"""The ``writewatch.v1.WriteWatch`` gRPC service: request validation and status codes.
+"""The ``writewatch.v1.WriteWatch`` gRPC service: request validation and the RPC handlers.
 
-Domain exceptions become gRPC statuses in one place, :func:`_abort`: the status code, the
-message, and the error's reason (its class in UPPER_SNAKE, ``SESSION_ENDED``) in the trailing
-metadata :data:`ERROR_REASON_KEY`, so clients tell errors apart without reading messages. A
-handler never leaks a traceback to a client.
+Domain exceptions become gRPC statuses in one place, :mod:`.status`; a handler never leaks a
+traceback to a client.
 """
 
 from __future__ import annotations
@@ -12,12 +10,9 @@ import asyncio
 import contextlib
 import functools
 import logging
-import re
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
@@ -25,135 +20,31 @@ from writewatch.regions import encode_regions
 
 from .. import __version__
 from .._exceptions import (
-    AccessDenied,
-    AlreadyTracked,
-    FeatureUnavailable,
-    InjectionRefused,
     InvalidRange,
-    KernelError,
-    LimitExceeded,
-    NotRegistered,
-    ProcessGone,
-    RangeBusy,
-    SessionEnded,
     SessionNotFound,
     UsageError,
-    ViewNotFound,
     WriteWatchError,
 )
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import probe
-from ..tracking.views import View
 from .attach import SessionSpec
 from .enums import AttachMode
 from .hub import SessionEnd, Subscriber
 from .sessions import ManagedSession, SessionManager
-from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
+from .status import MalformedRequest, abort, details, request_parser, rpc
+from .wire import (
+    capabilities_message,
+    categories_bytes,
+    delta_message,
+    ended_frame,
+    ranges_from_message,
+    session_message,
+    view_message,
+)
 
-__all__ = ["ERROR_REASONS", "ERROR_REASON_KEY", "MalformedRequest", "WriteWatchServicer", "generic_handler"]
+__all__ = ["WriteWatchServicer", "generic_handler"]
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (ViewNotFound, grpc.StatusCode.NOT_FOUND),
-    (ProcessGone, grpc.StatusCode.NOT_FOUND),
-    (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AlreadyTracked, grpc.StatusCode.ALREADY_EXISTS),
-    (SessionEnded, grpc.StatusCode.FAILED_PRECONDITION),
-    (InjectionRefused, grpc.StatusCode.FAILED_PRECONDITION),
-    (FeatureUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
-    (RangeBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotRegistered, grpc.StatusCode.FAILED_PRECONDITION),
-    (KernelError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ImportError, grpc.StatusCode.UNIMPLEMENTED),
-]
-
-
-# Status details travel in a trailer; clients refuse trailers over 8 KiB by default and would
-# see RESOURCE_EXHAUSTED instead of our status, so echoed request values are cut short.
-_MAX_DETAILS_CHARS = 1024
-
-
-def _details(problem: object) -> str:
-    text = str(problem)
-    return text if len(text) <= _MAX_DETAILS_CHARS else text[: _MAX_DETAILS_CHARS - 1] + "…"
-
-
-ERROR_REASON_KEY = "writewatch-error-reason"
-"""Trailing metadata key of the reason behind a failed call's status."""
-
-
-def _reason(cls: type[BaseException]) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).upper() if issubclass(cls, WriteWatchError) else ""
-
-
-ERROR_REASONS = {_reason(cls): code for cls, code in _STATUS if _reason(cls)}
-"""Every reason the service sends, with the status code it goes with."""
-
-
-def _status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code, _reason(cls)
-    return grpc.StatusCode.INTERNAL, ""
-
-
-async def _abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> None:
-    """End the call with the status of a domain error: code, message and reason (the one mapping boundary)."""
-    code, reason = _status_for(exc)
-    await context.abort(code, _details(exc), trailing_metadata=((ERROR_REASON_KEY, reason),) if reason else ())
-
-
-def _rpc(
-    method: Callable[..., Awaitable[_T]],
-) -> Callable[..., Awaitable[_T]]:
-    """Map domain exceptions of a unary handler to a status with a precise message."""
-
-    @functools.wraps(method)
-    async def wrapper(self: WriteWatchServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
-        try:
-            return await method(self, request, context)
-        except (WriteWatchError, ImportError) as exc:
-            await _abort(context, exc)
-        except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, _details(f"{method.__name__} failed: {type(exc).__name__}: {exc}")
-            )
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-class MalformedRequest:
-    """Bytes that do not parse as the method's request message (answered INVALID_ARGUMENT).
-
-    Parsing happens in gRPC's deserializer, whose failures gRPC itself would answer UNKNOWN;
-    handing this marker to the handler keeps the status ours.
-    """
-
-    def __init__(self, type_name: str, error: DecodeError) -> None:
-        self.message = f"the request is not a valid {type_name}: {error}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _parser(request_class: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return request_class.FromString(data)
-        except DecodeError as error:
-            return MalformedRequest(request_class.DESCRIPTOR.full_name, error)
-
-    return parse
-
 
 # Labels live as long as the session, in memory and in the state store: bounded like
 # Kubernetes labels, so one request cannot make the daemon hold megabytes.
@@ -201,7 +92,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
     def _session(self, session_id: str) -> ManagedSession:
         return self._manager.get(_require_id(session_id))
 
-    @_rpc
+    @rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
         try:
             mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
@@ -229,11 +120,11 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         session = await self._manager.create(spec)
         return session_message(session)
 
-    @_rpc
+    @rpc
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
         return session_message(self._session(request.session_id))
 
-    @_rpc
+    @rpc
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         sessions = [s for s in self._manager.sessions() if request.include_ended or s.active]
         start = 0
@@ -253,18 +144,18 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             next_page_token=following[0].session_id if following else "",
         )
 
-    @_rpc
+    @rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
         await self._manager.delete(_require_id(request.session_id))
         return pb.DeleteSessionResponse()
 
-    @_rpc
+    @rpc
     async def AddRanges(self, request: pb.AddRangesRequest, context: Any) -> pb.Session:
         session = self._session(request.session_id)
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=True)
         return session_message(session)
 
-    @_rpc
+    @rpc
     async def RemoveRanges(self, request: pb.RemoveRangesRequest, context: Any) -> pb.Session:
         session = self._session(request.session_id)
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=False)
@@ -278,7 +169,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; retry")
             return
         if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(request))
             return
         try:
             session = self._session(request.session_id)
@@ -293,7 +184,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             filter_ranges = ranges_from_message(request.filter_ranges) if request.filter_ranges else None
             subscriber = session.subscribe(resume, filter_ranges)
         except WriteWatchError as exc:
-            await _abort(context, exc)
+            await abort(context, exc)
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
         self._open_streams += 1
@@ -332,7 +223,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             session.hub.evict(subscriber, message)
         await write
 
-    @_rpc
+    @rpc
     async def Harvest(self, request: pb.HarvestRequest, context: Any) -> pb.HarvestResponse:
         session = self._session(request.session_id)
         harvested = await session.harvest_now()
@@ -341,27 +232,27 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             response.delta.CopyFrom(delta_message(session.session_id, harvested.delta))
         return response
 
-    @_rpc
+    @rpc
     async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
         epoch, seq = await self._session(request.session_id).flush()
         return pb.FlushResponse(epoch=epoch, seq=seq)
 
-    @_rpc
+    @rpc
     async def CreateView(self, request: pb.CreateViewRequest, context: Any) -> pb.CreateViewResponse:
         view, created = await self._session(request.session_id).create_view(request.view_id)
-        return pb.CreateViewResponse(view=_view_message(view), created=created)
+        return pb.CreateViewResponse(view=view_message(view), created=created)
 
-    @_rpc
+    @rpc
     async def ListViews(self, request: pb.ListViewsRequest, context: Any) -> pb.ListViewsResponse:
         session = self._session(request.session_id)
-        return pb.ListViewsResponse(views=[_view_message(session.views[name]) for name in sorted(session.views)])
+        return pb.ListViewsResponse(views=[view_message(session.views[name]) for name in sorted(session.views)])
 
-    @_rpc
+    @rpc
     async def DeleteView(self, request: pb.DeleteViewRequest, context: Any) -> pb.DeleteViewResponse:
         await self._session(request.session_id).delete_view(request.view_id)
         return pb.DeleteViewResponse()
 
-    @_rpc
+    @rpc
     async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResponse:
         session = self._session(request.session_id)
         if request.end_address <= request.start_address:
@@ -386,7 +277,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             resume_address=result.resume_at,
         )
 
-    @_rpc
+    @rpc
     async def GetWriteWatch(self, request: pb.GetWriteWatchRequest, context: Any) -> pb.GetWriteWatchResponse:
         session = self._session(request.session_id)
         result = await session.get_write_watch(
@@ -398,13 +289,13 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         )
         return pb.GetWriteWatchResponse(addresses=result.addresses, granularity_bytes=result.granularity)
 
-    @_rpc
+    @rpc
     async def ResetWriteWatch(self, request: pb.ResetWriteWatchRequest, context: Any) -> pb.ResetWriteWatchResponse:
         session = self._session(request.session_id)
         await session.reset_write_watch(request.view_id, request.base_address, request.size_bytes)
         return pb.ResetWriteWatchResponse()
 
-    @_rpc
+    @rpc
     async def GetDirtyRate(self, request: pb.GetDirtyRateRequest, context: Any) -> pb.DirtyRate:
         session = self._session(request.session_id)
         rate = session.dirty_rate()
@@ -416,7 +307,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             window_ms=rate.window_ms,
         )
 
-    @_rpc
+    @rpc
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: Any) -> pb.Capabilities:
         caps = await asyncio.get_running_loop().run_in_executor(self._manager.executor, probe)
         return capabilities_message(caps, __version__)
@@ -435,46 +326,6 @@ def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
     return AttachMode.INJECT
 
 
-def _view_message(view: View) -> pb.View:
-    written = view.written
-    n_pages = int((written[:, 1] - written[:, 0]).sum()) // PAGE_SIZE if len(written) else 0
-    return pb.View(view_id=view.name, n_pages=n_pages)
-
-
-def session_message(session: ManagedSession) -> pb.Session:
-    """A ``Session`` snapshot."""
-    record = session.record
-    stats = session.statistics
-    tracked: list[list[int]] = session.tracked.tolist()
-    return pb.Session(
-        session_id=record.session_id,
-        pid=record.pid,
-        process_start_time_ticks=record.start_time_ticks,
-        attach_mode=record.attach_mode,  # type: ignore[arg-type]
-        state=pb.SESSION_STATE_ACTIVE if session.active else pb.SESSION_STATE_ENDED,
-        end_reason=record.end_reason,  # type: ignore[arg-type]
-        end_message=record.end_message,
-        ranges=[pb.AddressRange(start_address=int(s), end_address=int(e)) for s, e in tracked],
-        auto_ranges=record.auto_ranges,
-        tick_interval_ms=record.tick_interval_ms,
-        labels=record.labels,
-        epoch=session.hub.epoch,
-        last_seq=session.hub.last_seq,
-        created_at_unix_ns=record.created_at_unix_ns,
-        statistics=pb.SessionStatistics(
-            n_harvests=stats.n_harvests,
-            last_harvest_ns=stats.last_harvest_ns,
-            total_harvest_ns=stats.total_harvest_ns,
-            n_regions=stats.n_regions,
-            n_pages=stats.n_pages,
-            n_subscribers=session.hub.n_subscribers,
-            n_views=len(session.views),
-        ),
-        n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
-        comm=record.comm,
-    )
-
-
 def _serialize(message: Any) -> bytes:
     # Deltas arrive already serialized (once for every stream); everything else is a message.
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -489,10 +340,10 @@ def generic_handler(servicer: WriteWatchServicer) -> grpc.GenericRpcHandler[Any,
         implementation = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
+                implementation, request_deserializer=request_parser(request_class), response_serializer=_serialize
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
+                implementation, request_deserializer=request_parser(request_class), response_serializer=_serialize
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
