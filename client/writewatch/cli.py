@@ -22,6 +22,7 @@ from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
 from .fleet import Fleet, FleetError
 from .recording import record_session
+from .regions import DEFAULT_PAGE_SIZE_BYTES
 
 __all__ = [
     "app",
@@ -201,7 +202,12 @@ def _ranges(ranges: list[str] | None, auto: bool) -> RangesArg:
     return [parse_range(text) for text in ranges] if ranges else "auto"
 
 
-def _session_row(snapshot: pb.Session) -> list[str]:
+def _page_size_bytes(client: Client) -> int:
+    """The daemon's page size (from its capabilities), for what is shown in pages."""
+    return client.capabilities().page_size_bytes or DEFAULT_PAGE_SIZE_BYTES
+
+
+def _session_row(snapshot: pb.Session, page_size_bytes: int) -> list[str]:
     tracked = "auto" if snapshot.auto_ranges else f"{len(snapshot.ranges)} ranges"
     return [
         snapshot.session_id,
@@ -210,15 +216,16 @@ def _session_row(snapshot: pb.Session) -> list[str]:
         _short(pb.AttachMode, snapshot.attach_mode),
         _short(pb.SessionState, snapshot.state)
         + (f" ({_short(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
-        f"{tracked}, {format_bytes(snapshot.n_tracked_pages * 4096)}",
+        f"{tracked}, {format_bytes(snapshot.n_tracked_pages * page_size_bytes)}",
         str(snapshot.last_seq),
         str(snapshot.statistics.n_subscribers),
         " ".join(f"{k}={v}" for k, v in sorted(snapshot.labels.items())),
     ]
 
 
-def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool, hosts: Sequence[str] | None = None) -> None:
-    """The sessions table (or JSON); with ``hosts`` (one per snapshot) a host column first."""
+def _print_sessions(sessions: Sequence[Session], as_json: bool, hosts: Sequence[str] | None = None) -> None:
+    """The sessions table (or JSON); with ``hosts`` (one per session) a host column first."""
+    snapshots = [s.snapshot for s in sessions]
     if as_json:
         rows = [message_to_json(s) for s in snapshots]
         if hosts is not None:
@@ -232,8 +239,10 @@ def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool, hosts: Seque
     table.add_column("session", no_wrap=True, min_width=max((len(s.session_id) for s in snapshots), default=7))
     for header in ("pid", "command", "mode", "state", "tracked", "seq", "subs", "labels"):
         table.add_column(header)
-    for index, snapshot in enumerate(snapshots):
-        table.add_row(*([hosts[index]] if hosts is not None else []), *_session_row(snapshot))
+    page_sizes = {id(s.client): _page_size_bytes(s.client) for s in sessions}  # one call per daemon
+    for index, session in enumerate(sessions):
+        row = _session_row(session.snapshot, page_sizes[id(session.client)])
+        table.add_row(*([hosts[index]] if hosts is not None else []), *row)
     _console.print(table)
 
 
@@ -268,18 +277,18 @@ def sessions(
     """List the daemon's active sessions (--all: also the ended ones it keeps; --fleet: of many daemons)."""
     if fleet_file is None:
         with _errors(), _client(ctx, address) as client:
-            _print_sessions([s.snapshot for s in client.sessions(include_ended=show_all)], as_json)
+            _print_sessions(client.sessions(include_ended=show_all), as_json)
         return
     with _errors(), Fleet.from_file(fleet_file) as fleet:
         try:
             listed = fleet.sessions(include_ended=show_all)
         except FleetError as error:
             listed = error.sessions
-            _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
+            _print_sessions([s for _, s in listed], as_json, [host for host, _ in listed])
             for host, host_error in error.errors.items():
                 _errors_console.print(f"writewatch: {host}: {host_error}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
+        _print_sessions([s for _, s in listed], as_json, [host for host, _ in listed])
 
 
 @app.command()
@@ -466,6 +475,7 @@ def scan(
     Categories: WPALLOWED WRITTEN FILE PRESENT SWAPPED PFNZERO HUGE SOFT_DIRTY GUARD.
     """
     with _errors(), _client(ctx, address) as client:
+        page_size_bytes = _page_size_bytes(client)
         result = client.session(session_id).scan(
             start,
             end,
@@ -484,7 +494,7 @@ def scan(
         return
     table = Table("start", "end", "pages", "categories")
     for row in rows:
-        n_pages = (row["end_address"] - row["start_address"]) // 4096
+        n_pages = (row["end_address"] - row["start_address"]) // page_size_bytes
         table.add_row(f"0x{row['start_address']:x}", f"0x{row['end_address']:x}", str(n_pages), " ".join(row["names"]))
     _console.print(table)
     if not result.complete:
