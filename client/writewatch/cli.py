@@ -1,20 +1,24 @@
-"""The ``writewatch`` command line: sessions, attach, spawn, watch, harvest, flush, scan, views, write-watch, close."""
+"""The ``writewatch`` command line: sessions, attach, spawn, watch, harvest, flush, scan, views, write-watch, close.
+
+Longer than 450 lines on purpose: it is the one typer app, and each command is mostly the
+declaration of its options around a few calls; text parsing and formatting are in
+``_clitext``, the work in the client, ``_watch``, ``_recorder`` and ``export``.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from google.protobuf.message import Message
 from rich.console import Console
 from rich.table import Table
 
 from ._client import Client, Session, View
+from ._clitext import message_to_json, parse_mask, parse_number, parse_pairs, parse_range, short_name
 from ._exceptions import WriteWatchError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
@@ -46,95 +50,6 @@ app = typer.Typer(
 
 _console = Console()
 _errors_console = Console(stderr=True, highlight=False)
-_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_NUMBER = re.compile(r"(?P<number>0[xob][0-9a-f_]+|[0-9_]+)(?P<suffix>[kmgt]?)(?:i?b)?", re.IGNORECASE)
-
-
-def parse_number(text: str | int) -> int:
-    """An address or size: decimal or 0x hex, with an optional K/M/G/T (binary) suffix."""
-    if isinstance(text, int):  # typer also passes defaults through the parser
-        return text
-    match = _NUMBER.fullmatch(text.strip())
-    if match is None:
-        raise typer.BadParameter(f"{text!r} is not a number (examples: 4096, 0x7f0000000000, 16M)")
-    return int(match["number"], 0) * _SIZE_SUFFIXES[match["suffix"].lower()]
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """``START-END`` (end exclusive) or ``START+SIZE``."""
-    for separator in ("-", "+"):
-        start, found, rest = text.partition(separator)
-        if found:
-            first, second = parse_number(start), parse_number(rest)
-            return (first, second) if separator == "-" else (first, first + second)
-    raise typer.BadParameter(f"{text!r} is not a range (START-END or START+SIZE)")
-
-
-def parse_mask(text: str | int) -> int:
-    """PAGE_IS_* bits: names joined by ``,`` or ``|`` (PRESENT,WRITTEN), or a number."""
-    if isinstance(text, int):
-        return text
-    mask = 0
-    for part in re.split(r"[,|]", text):
-        name = part.strip().upper().removeprefix("PAGE_IS_")
-        if not name:
-            continue
-        if name in PageCategory.__members__:
-            mask |= PageCategory[name]
-        else:
-            try:
-                mask |= parse_number(name)
-            except typer.BadParameter:
-                names = ", ".join(PageCategory.__members__)
-                raise typer.BadParameter(f"unknown category {part!r} (one of {names}, or a number)") from None
-    return mask
-
-
-def parse_pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
-    """``KEY=VALUE`` options as a dict."""
-    pairs: dict[str, str] = {}
-    for item in items or ():
-        key, found, value = item.partition("=")
-        if not found or not key:
-            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
-        pairs[key] = value
-    return pairs
-
-
-def message_to_json(message: Message) -> dict[str, Any]:
-    """A protobuf message as JSON-ready data: field names as in the .proto, 64-bit integers as
-    numbers (json_format would make them strings) and enums as their names."""
-    data: dict[str, Any] = {}
-    for descriptor in message.DESCRIPTOR.fields:
-        value = getattr(message, descriptor.name)
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
-            data[descriptor.name] = dict(value)
-        elif descriptor.is_repeated:
-            data[descriptor.name] = [_field_to_json(descriptor, item) for item in value]
-        elif descriptor.containing_oneof is not None and not message.HasField(descriptor.name):
-            # Only fields with explicit presence (oneof, proto3 optional) can be "unset".
-            data[descriptor.name] = None
-        else:
-            data[descriptor.name] = _field_to_json(descriptor, value)
-    return data
-
-
-def _field_to_json(descriptor: Any, value: Any) -> Any:
-    if descriptor.enum_type is not None:
-        enum_value = descriptor.enum_type.values_by_number.get(value)
-        return enum_value.name if enum_value is not None else value
-    if isinstance(value, Message):
-        return message_to_json(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
-def _short(enum: Any, value: int) -> str:
-    """An enum value's name without its type prefix: ATTACH_MODE_INJECT -> INJECT."""
-    name: str = enum.Name(value)
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
-    return name.removeprefix(prefix)
 
 
 def _print_json(data: Any) -> None:
@@ -213,9 +128,9 @@ def _session_row(snapshot: pb.Session, page_size_bytes: int) -> list[str]:
         snapshot.session_id,
         str(snapshot.pid),
         snapshot.comm,
-        _short(pb.AttachMode, snapshot.attach_mode),
-        _short(pb.SessionState, snapshot.state)
-        + (f" ({_short(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
+        short_name(pb.AttachMode, snapshot.attach_mode),
+        short_name(pb.SessionState, snapshot.state)
+        + (f" ({short_name(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
         f"{tracked}, {format_bytes(snapshot.n_tracked_pages * page_size_bytes)}",
         str(snapshot.last_seq),
         str(snapshot.statistics.n_subscribers),
@@ -251,7 +166,7 @@ def _print_created(session: Session, as_json: bool) -> None:
         _print_json(message_to_json(session.snapshot))
         return
     snapshot = session.snapshot
-    mode = _short(pb.AttachMode, snapshot.attach_mode)
+    mode = short_name(pb.AttachMode, snapshot.attach_mode)
     typer.echo(f"{session.id}\tpid {snapshot.pid} ({mode}), {len(snapshot.ranges)} ranges")
 
 
@@ -592,8 +507,8 @@ def capabilities(ctx: typer.Context, address: AddressOption = None, as_json: Jso
         return
     data["supported_category_mask"] = " ".join(_category_names(caps.supported_category_mask))
     data["uffd_features"] = f"0x{caps.uffd_features:x}"
-    data["unpopulated_pte_fix"] = _short(pb.FixStatus, caps.unpopulated_pte_fix)
-    data["pmd_hole_fix"] = _short(pb.FixStatus, caps.pmd_hole_fix)
+    data["unpopulated_pte_fix"] = short_name(pb.FixStatus, caps.unpopulated_pte_fix)
+    data["pmd_hole_fix"] = short_name(pb.FixStatus, caps.pmd_hole_fix)
     table = Table("capability", "value", box=None)
     for key, value in data.items():
         table.add_row(key, str(value))
