@@ -37,7 +37,7 @@ from .._exceptions import (
 from ..kernel import PAGE_SIZE, ScanResult
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
-from ..tracking.regions import EMPTY, RegionArray, as_regions
+from ..tracking.regions import EMPTY, RegionArray, as_regions, n_pages
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
@@ -232,7 +232,7 @@ class ManagedSession:
         regions = tracker.harvest()  # raises ProcessGone once the target has exited
         if len(regions) == 0 and self.hub.last_seq:
             return None  # the common idle case: nothing to count, number or encode
-        self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
+        self.rate.add(n_pages(regions), len(regions))
         return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
 
     async def complete_harvest(self, outcome: Published | BaseException | None) -> None:

@@ -13,7 +13,7 @@ from writewatch.regions import encode_regions, split_regions
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import Capabilities
 from ..tracking.delta import Delta
-from ..tracking.regions import RegionArray, as_regions
+from ..tracking.regions import RegionArray, as_regions, n_pages
 from ..tracking.views import View
 from .hub import SessionEnd
 
@@ -129,9 +129,7 @@ def categories_bytes(categories: np.ndarray) -> bytes:
 
 def view_message(view: View) -> pb.View:
     """A ``View`` listing: its name and how many pages it holds written."""
-    written = view.written
-    n_pages = int((written[:, 1] - written[:, 0]).sum()) // PAGE_SIZE if len(written) else 0
-    return pb.View(view_id=view.name, n_pages=n_pages)
+    return pb.View(view_id=view.name, n_pages=n_pages(view.written))
 
 
 def session_message(session: ManagedSession) -> pb.Session:
@@ -163,6 +161,6 @@ def session_message(session: ManagedSession) -> pb.Session:
             n_subscribers=session.hub.n_subscribers,
             n_views=len(session.views),
         ),
-        n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
+        n_tracked_pages=n_pages(session.tracked),
         comm=record.comm,
     )
