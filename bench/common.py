@@ -7,10 +7,14 @@ run, in interleaved rounds (:func:`interleaved`), because the machine is a share
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
+import hashlib
+import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import statistics
@@ -36,6 +40,22 @@ BENCH = REPO / "bench"
 FIXTURES = BENCH / "fixtures"
 BIN = BENCH / "bin"
 VENV_BIN = Path(sys.executable).parent
+# Every bench daemon accepts this admin token (over TCP every call needs an identity), and every
+# client of the run, in worker processes too, finds it with plaintext TCP in the default profile
+# of a client config made once per run (workers inherit the environment).
+BENCH_TOKEN = os.environ.setdefault("WRITEWATCH_BENCH_TOKEN", secrets.token_urlsafe(24))
+if "WRITEWATCH_BENCH_CONFIG" not in os.environ:
+    _client_dir = tempfile.mkdtemp(prefix="ww-bench-client-")
+    atexit.register(shutil.rmtree, _client_dir, ignore_errors=True)
+    _client_config = Path(_client_dir) / "config.toml"
+    _client_config.write_text(
+        f'default_profile = "bench"\n[profiles.bench]\ninsecure = true\ntoken = "{BENCH_TOKEN}"\n'
+    )
+    os.environ["WRITEWATCH_BENCH_CONFIG"] = str(_client_config)
+os.environ["WRITEWATCH_CONFIG"] = os.environ["WRITEWATCH_BENCH_CONFIG"]
+_BENCH_TOKENS = json.dumps(
+    [{"name": "bench", "sha256": hashlib.sha256(BENCH_TOKEN.encode()).hexdigest(), "role": "admin"}]
+)
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 MIB = 1 << 20
@@ -237,6 +257,7 @@ class Daemon:
         self.tmp = Path(tempfile.mkdtemp(prefix="ww-bench-"))
         env = dict(os.environ)
         env.update({f"WRITEWATCHD_{k.upper()}": str(v) for k, v in settings.items()})
+        env["WRITEWATCHD_TOKENS"] = _BENCH_TOKENS
         if tcp:
             env["WRITEWATCHD_INSECURE_TCP"] = "1"
             port = free_tcp_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,11 +17,22 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 class DaemonProcess:
     """``writewatchd serve`` as a child process; restartable on the same socket and state."""
 
-    def __init__(self, directory: Path, env: dict[str, str], *, name: str = "d", state_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        env: dict[str, str],
+        *,
+        name: str = "d",
+        state_dir: Path | None = None,
+        listen: str | None = None,
+        config: Path | None = None,
+    ) -> None:
         self.directory = directory
         self.socket = directory / f"{name}.sock"
-        self.address = f"unix:{self.socket}"
+        self.listen = listen or f"unix:{self.socket}"
+        self.address = self.listen
         self.state_dir = state_dir or directory / "state"
+        self.config = config
         self.env = {**os.environ, **env}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = directory / ("daemon.log" if name == "d" else f"{name}.log")
@@ -31,13 +43,15 @@ class DaemonProcess:
             str(Path(sys.executable).parent / "writewatchd"),
             "serve",
             "--listen",
-            self.address,
+            self.listen,
             "--state-dir",
             str(self.state_dir),
+            *(["--config", str(self.config)] if self.config else []),
         ]
 
     def start(self) -> None:
-        """Start and wait until the health service answers SERVING."""
+        """Start and wait until it serves (health SERVING on a socket; its "listening" line on TCP)."""
+        log_size = self.log.stat().st_size if self.log.exists() else 0
         with self.log.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.command(),
@@ -49,10 +63,20 @@ class DaemonProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"writewatchd exited: {self.log.read_text()}")
-            if self.socket.exists() and self._serving():
+            if self.listen.startswith("tcp:"):
+                found = re.search(r"writewatchd listening on tcp:(\S+)", self.log.read_text()[log_size:])
+                if found:
+                    self.address = found[1]
+                    return
+            elif self.socket.exists() and self._serving():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"writewatchd did not start: {self.log.read_text()}")
+
+    @property
+    def port(self) -> int:
+        """The TCP port it listens on."""
+        return int(self.address.rsplit(":", 1)[1])
 
     def _serving(self) -> bool:
         with grpc.insecure_channel(self.address) as channel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -10,9 +11,9 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from ._client import auth_metadata, resolve_address
+from ._connect import Connection, explain, resolve
 from ._core import SubscriptionState, attach_request, get_write_watch_request, scan_request, spawn_request
-from ._exceptions import NotFound, from_grpc_error
+from ._exceptions import NotFound, RpcError, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 from ._types import Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
@@ -41,22 +42,37 @@ class AsyncClient:
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Connection | None = None,
         *,
         timeout_s: float | None = 30.0,
         token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls_ca_file: str | os.PathLike[str] | None = None,
+        tls_cert_file: str | os.PathLike[str] | None = None,
+        tls_key_file: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        profile: str | None = None,
+        insecure: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.address = resolve_address(address)
+        self.connection = resolve(
+            address,
+            token=token,
+            token_file=token_file,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_server_name=tls_server_name,
+            profile=profile,
+            insecure=insecure,
+            credentials=credentials,
+        )
+        self.address = self.connection.target
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self._metadata = auth_metadata(token)
-        self._channel = (
-            aio.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
-            if credentials
-            else aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        )
+        self._metadata = self.connection.metadata
+        self._channel = self.connection.aio_channel(CHANNEL_OPTIONS)
         self._stub: WriteWatchAsyncStub = WriteWatchStub(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -73,7 +89,11 @@ class AsyncClient:
         try:
             return await method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+            raise await self._error(error) from None
+
+    async def _error(self, error: grpc.RpcError) -> RpcError:
+        """The client exception for a failed call, explained for the remote user (off the loop)."""
+        return await asyncio.to_thread(explain, self.connection, from_grpc_error(error), self.timeout_s)
 
     async def attach(
         self,
@@ -123,6 +143,10 @@ class AsyncClient:
     async def capabilities(self) -> pb.Capabilities:
         """The daemon's kernel probe and version."""
         return await self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest())
+
+    async def whoami(self) -> pb.WhoAmIResponse:
+        """Who the daemon takes this client for (identity, role), with its version and kernel."""
+        return await self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
 
 
 class AsyncSession:
@@ -282,7 +306,7 @@ class AsyncSession:
             except grpc.RpcError as error:
                 delay_s = state.retry_after_s(error)
                 if delay_s is None:
-                    raise from_grpc_error(error) from None
+                    raise await self.client._error(error) from None
                 await asyncio.sleep(delay_s)
             finally:
                 call.cancel()

@@ -10,58 +10,66 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from ._address import default_address, normalize_address
+from ._connect import Connection, explain, resolve
 from ._core import SubscriptionState, attach_request, get_write_watch_request, scan_request, spawn_request
-from ._exceptions import NotFound, from_grpc_error
+from ._exceptions import NotFound, RpcError, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 from ._types import Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
 from ._wire import CHANNEL_OPTIONS, RangesArg, delta_from_pb, join_fragments, scan_result, to_ranges, write_watch_result
 
-__all__ = ["Client", "Session", "View", "auth_metadata", "resolve_address"]
+__all__ = ["Client", "Session", "View"]
 
 _Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response", bound=Message)
 
 
-def resolve_address(address: str | None) -> str:
-    """The gRPC target: address, else $WRITEWATCH_ADDRESS, else default_address()."""
-    return normalize_address(address or os.environ.get("WRITEWATCH_ADDRESS") or default_address())
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """Call metadata carrying a bearer token, if any."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
 class Client:
     """Blocking client of writewatchd.
 
-    ``address`` is a gRPC target (``unix:/path``, a bare socket path, ``host:port``); by
-    default $WRITEWATCH_ADDRESS, else :func:`writewatch.default_address`. Unary calls time out
-    after ``timeout_s``; streams never do.
+    ``address`` is a gRPC target (``unix:/path``, a bare socket path, ``host:port``). A
+    ``host:port`` uses TLS: ``tls_ca_file`` (default: the system CAs), an optional client
+    certificate ``tls_cert_file``/``tls_key_file``, or ready ``credentials``; plaintext only
+    with ``insecure=True``. ``token`` (or ``token_file``) is sent as a bearer token. Options not
+    given come from ``profile`` (a section of ``~/.config/writewatch/config.toml``), then from
+    ``WRITEWATCH_ADDRESS``, ``WRITEWATCH_TOKEN``, ``WRITEWATCH_TLS_CA``/``_CERT``/``_KEY``;
+    the default address is :func:`writewatch.default_address`. Unary calls time out after
+    ``timeout_s``; streams never do.
     """
 
     def __init__(
         self,
-        address: str | None = None,
+        address: str | Connection | None = None,
         *,
         timeout_s: float | None = 30.0,
         token: str | None = None,
+        token_file: str | os.PathLike[str] | None = None,
+        tls_ca_file: str | os.PathLike[str] | None = None,
+        tls_cert_file: str | os.PathLike[str] | None = None,
+        tls_key_file: str | os.PathLike[str] | None = None,
+        tls_server_name: str | None = None,
+        profile: str | None = None,
+        insecure: bool | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        self.address = resolve_address(address)
+        self.connection = resolve(
+            address,
+            token=token,
+            token_file=token_file,
+            tls_ca_file=tls_ca_file,
+            tls_cert_file=tls_cert_file,
+            tls_key_file=tls_key_file,
+            tls_server_name=tls_server_name,
+            profile=profile,
+            insecure=insecure,
+            credentials=credentials,
+        )
+        self.address = self.connection.target
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
-        self.token = token
-        self.credentials = credentials
-        self._metadata = auth_metadata(token)
-        self._channel = (
-            grpc.secure_channel(self.address, credentials, options=CHANNEL_OPTIONS)
-            if credentials
-            else grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        )
+        self._metadata = self.connection.metadata
+        self._channel = self.connection.channel(CHANNEL_OPTIONS)
         self._stub = WriteWatchStub(self._channel)
 
     def __enter__(self) -> Client:
@@ -78,7 +86,11 @@ class Client:
         try:
             return method(request, timeout=self.timeout_s, metadata=self._metadata)
         except grpc.RpcError as error:
-            raise from_grpc_error(error) from None
+            raise self._error(error) from None
+
+    def _error(self, error: grpc.RpcError) -> RpcError:
+        """The client exception for a failed call, explained for the remote user."""
+        return explain(self.connection, from_grpc_error(error), self.timeout_s)
 
     def attach(
         self,
@@ -127,6 +139,10 @@ class Client:
     def capabilities(self) -> pb.Capabilities:
         """The daemon's kernel probe and version."""
         return self._call(self._stub.GetCapabilities, pb.GetCapabilitiesRequest())
+
+    def whoami(self) -> pb.WhoAmIResponse:
+        """Who the daemon takes this client for (identity, role), with its version and kernel."""
+        return self._call(self._stub.WhoAmI, pb.WhoAmIRequest())
 
 
 class Session:
@@ -270,7 +286,7 @@ class Session:
             except grpc.RpcError as error:
                 delay_s = state.retry_after_s(error)
                 if delay_s is None:
-                    raise from_grpc_error(error) from None
+                    raise self.client._error(error) from None
                 time.sleep(delay_s)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped

@@ -248,13 +248,7 @@ def _async_client(client_or_address: AsyncClient | Client | str | None) -> tuple
         return client_or_address, False
     if isinstance(client_or_address, Client):
         source = client_or_address
-        return AsyncClient(
-            source.address,
-            timeout_s=source.timeout_s,
-            token=source.token,
-            credentials=source.credentials,
-            retry=source.retry,
-        ), True
+        return AsyncClient(source.connection, timeout_s=source.timeout_s, retry=source.retry), True
     return AsyncClient(client_or_address), True
 
 

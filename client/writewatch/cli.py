@@ -8,6 +8,8 @@ declaration of its options around a few calls; text parsing and formatting are i
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.table import Table
 
 from ._client import Client, Session, View
 from ._clitext import message_to_json, parse_mask, parse_number, parse_pairs, parse_range, short_name
+from ._connect import Connection, resolve
 from ._exceptions import WriteWatchError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
@@ -91,24 +94,67 @@ LabelOption = Annotated[
 @app.callback()
 def _root(
     ctx: typer.Context,
+    *,
     address: Annotated[
         str | None,
         typer.Option(
             "--address",
             "-a",
-            envvar="WRITEWATCH_ADDRESS",
-            help="Daemon address (unix:/path, /path, host:port). [default: the daemon's socket]",
+            help="Daemon address (unix:/path, /path, host:port). [env: WRITEWATCH_ADDRESS; default: the socket]",
             show_default=False,
         ),
     ] = None,
+    tls_ca: Annotated[
+        str | None,
+        typer.Option("--tls-ca", help="CA file that signed the daemon's certificate. [env: WRITEWATCH_TLS_CA]"),
+    ] = None,
+    tls_cert: Annotated[
+        str | None, typer.Option("--tls-cert", help="Client certificate (PEM). [env: WRITEWATCH_TLS_CERT]")
+    ] = None,
+    tls_key: Annotated[
+        str | None, typer.Option("--tls-key", help="Key of the client certificate. [env: WRITEWATCH_TLS_KEY]")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option("--token", help="Bearer token (visible in ps; prefer --token-file). [env: WRITEWATCH_TOKEN]"),
+    ] = None,
+    token_file: Annotated[
+        str | None, typer.Option("--token-file", help="File holding the token (mode 600, not readable by others).")
+    ] = None,
+    profile: Annotated[
+        str | None,
+        typer.Option("--profile", "-p", help="Profile of ~/.config/writewatch/config.toml. [env: WRITEWATCH_PROFILE]"),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="Plaintext TCP (only for a daemon run with insecure_tcp).")
+    ] = False,
 ) -> None:
-    """writewatch: see which pages of a process are written, live."""
-    ctx.obj = address
+    """writewatch: see which pages of a process are written, live.
+
+    A host:port address uses TLS; options left out come from --profile, then WRITEWATCH_* variables.
+    """
+    ctx.obj = {
+        "address": address,
+        "token": token,
+        "token_file": token_file,
+        "tls_ca_file": tls_ca,
+        "tls_cert_file": tls_cert,
+        "tls_key_file": tls_key,
+        "profile": profile,
+        "insecure": insecure or None,
+    }
+
+
+def _connection(ctx: typer.Context, address: str | None) -> Connection:
+    """The connection of the global options, a command's own --address winning."""
+    options: dict[str, Any] = dict(ctx.obj or {})
+    if address:
+        options["address"] = address
+    return resolve(options.pop("address"), **options)
 
 
 def _client(ctx: typer.Context, address: str | None) -> Client:
-    root_address: str | None = ctx.obj
-    return Client(address or root_address)
+    return Client(_connection(ctx, address))
 
 
 def _ranges(ranges: list[str] | None, auto: bool) -> RangesArg:
@@ -194,7 +240,9 @@ def sessions(
         with _errors(), _client(ctx, address) as client:
             _print_sessions(client.sessions(include_ended=show_all), as_json)
         return
-    with _errors(), Fleet.from_file(fleet_file) as fleet:
+    # The global TLS and token options apply to every daemon of the fleet; the file gives the addresses.
+    options = {key: value for key, value in (ctx.obj or {}).items() if key != "address"}
+    with _errors(), Fleet.from_file(fleet_file, **options) as fleet:
         try:
             listed = fleet.sessions(include_ended=show_all)
         except FleetError as error:
@@ -557,11 +605,15 @@ def export(
     if bool(session_ids) == follow_all:
         raise typer.BadParameter("name sessions to export, or give --all (not both)")
     logging.basicConfig(level=logging.INFO, format="writewatch export: %(message)s")
-    root_address: str | None = ctx.obj
+    try:
+        connection = _connection(ctx, address)
+    except ValueError as error:
+        _errors_console.print(f"writewatch export: {error}", markup=False, soft_wrap=True)
+        raise typer.Exit(1) from None
 
     async def run() -> None:
         exporter = Exporter(
-            AsyncClient(address or root_address),
+            AsyncClient(connection),
             nats_url,
             session_ids=session_ids or (),
             follow_all=follow_all,
@@ -581,6 +633,43 @@ def export(
     except (WriteWatchError, ValueError) as error:
         _errors_console.print(f"writewatch export: {error}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def ping(
+    ctx: typer.Context,
+    count: Annotated[int, typer.Option("--count", "-c", min=1, help="Round trips to time.")] = 3,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Check the connection: latency, daemon version, kernel, and who the daemon takes you for."""
+    with _errors(), _client(ctx, address) as client:
+        latencies_ms: list[float] = []
+        for _ in range(count):
+            started = time.perf_counter()
+            whoami = client.whoami()
+            latencies_ms.append((time.perf_counter() - started) * 1000)
+        connection = client.connection
+    data = {
+        "address": connection.target,
+        "transport": connection.describe(),
+        "latency_ms_min": round(min(latencies_ms), 3),
+        "latency_ms_median": round(statistics.median(latencies_ms), 3),
+        "latency_ms_first": round(latencies_ms[0], 3),
+        "daemon_version": whoami.daemon_version,
+        "kernel_version": whoami.kernel_version,
+        "identity": whoami.identity,
+        "role": short_name(pb.Role, whoami.role),
+        "auth_method": short_name(pb.AuthMethod, whoami.auth_method),
+        "peer": whoami.peer,
+    }
+    if as_json:
+        _print_json(data)
+        return
+    table = Table("ping", "", box=None, show_header=False)
+    for key, value in data.items():
+        table.add_row(key, str(value))
+    _console.print(table)
 
 
 def main() -> None:

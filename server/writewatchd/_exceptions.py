@@ -8,6 +8,7 @@ Every error the package raises on purpose is one of these::
     ├── SessionNotFound (LookupError)   no session has that id
     ├── ViewNotFound (LookupError)      the session has no view of that name
     ├── SessionEnded                    the session has ended; it can be read, not changed
+    ├── PolicyDenied                    the caller's identity may not touch this target (its policy)
     ├── LimitExceeded                   a configured limit (sessions, ranges, subscribers) would be exceeded
     ├── AlreadyTracked                  the process already has an active session
     └── KernelError (OSError)           a kernel interface refused; carries ``errno``
@@ -38,6 +39,7 @@ __all__ = [
     "InvalidRange",
     "KernelError",
     "NotRegistered",
+    "PolicyDenied",
     "ProcessGone",
     "RangeBusy",
     "UsageError",
@@ -68,6 +70,10 @@ class ViewNotFound(WriteWatchError, LookupError):
 
 class SessionEnded(WriteWatchError):
     """The session has ended; it can be read, not changed."""
+
+
+class PolicyDenied(WriteWatchError):
+    """The caller's identity may not do this (its target policy); the message names the rule."""
 
 
 class LimitExceeded(WriteWatchError):

@@ -134,14 +134,13 @@ def serve(
     import logging
 
     import uvloop
-    from pydantic import ValidationError
 
     from .service import Settings, run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = Settings.load(config, listen=listen, state_dir=state_dir, insecure_tcp=insecure_tcp)
-    except ValidationError as exc:
+    except ValueError as exc:  # pydantic's ValidationError, or a settings file others may read or write
         typer.echo(f"writewatchd: invalid settings: {exc}", err=True)
         raise typer.Exit(2) from None
     try:

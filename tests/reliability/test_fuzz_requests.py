@@ -65,6 +65,7 @@ ALLOWED: dict[str, set[grpc.StatusCode]] = {
     "ResetWriteWatch": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND, S.FAILED_PRECONDITION, S.RESOURCE_EXHAUSTED},
     "GetDirtyRate": {S.OK, S.INVALID_ARGUMENT, S.NOT_FOUND},
     "GetCapabilities": {S.OK},
+    "WhoAmI": {S.OK},
 }
 
 
@@ -266,6 +267,7 @@ def _requests(w: World) -> st.SearchStrategy[tuple[str, Any]]:
         ).map(lambda r: ("ResetWriteWatch", r)),
         sid.map(lambda i: ("GetDirtyRate", pb.GetDirtyRateRequest(session_id=i))),
         st.just(("GetCapabilities", pb.GetCapabilitiesRequest())),
+        st.just(("WhoAmI", pb.WhoAmIRequest())),
     )
 
 

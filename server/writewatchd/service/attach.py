@@ -23,7 +23,7 @@ from .store import SessionRecord
 if TYPE_CHECKING:
     from ..kernel.spawn import SpawnedProcess
 
-__all__ = ["Readopted", "SessionSpec", "process_name", "readopt", "start_tracker"]
+__all__ = ["Readopted", "SessionSpec", "process_name", "process_uid", "readopt", "start_tracker"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,7 @@ class SessionSpec:
     auto_ranges: bool = False
     tick_interval_ms: int = 0
     labels: dict[str, str] | None = None
+    owner: str = ""
 
 
 # A killed daemon's kernel resources are released fd by fd after its lock is: a successor
@@ -132,6 +133,14 @@ def process_name(pid: int) -> str:
         return read_status(pid).name
     except WriteWatchError:
         return ""
+
+
+def process_uid(pid: int) -> int:
+    """The process's effective uid, or -1 when it cannot be read."""
+    try:
+        return read_status(pid).effective_uid
+    except WriteWatchError:
+        return -1
 
 
 def _inject(pid: int, deadline_s: float) -> Userfaultfd:

@@ -16,9 +16,11 @@ from grpc_reflection.v1alpha import reflection
 
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 
-from .._exceptions import UsageError
+from .._exceptions import SessionNotFound, UsageError
 from ..kernel._libc import retain_freed_memory
 from ..tracking.delta import Delta
+from .audit import AuditLog
+from .auth import Authenticator, AuthInterceptor
 from .metrics import serve_metrics
 from .servicer import WriteWatchServicer, generic_handler
 from .sessions import SessionManager
@@ -51,14 +53,24 @@ class Daemon:
         self.servicer = WriteWatchServicer(self.manager)
         # grpc-stubs does not know the asyncio health servicer.
         self.health: Any = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.audit = AuditLog(settings.audit_log)
+        interceptor = AuthInterceptor(Authenticator(settings), self.audit, self._target_of)
         self.server = grpc.aio.server(
+            interceptors=[interceptor],
             options=[
                 ("grpc.max_send_message_length", _MESSAGE_LIMIT_BYTES),
                 ("grpc.max_receive_message_length", 16 << 20),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
         self.address = ""
+
+    def _target_of(self, session_id: str) -> tuple[int, str] | None:
+        try:
+            record = self.manager.get(session_id).record
+        except SessionNotFound:
+            return None
+        return record.pid, record.comm
 
     def _encode(self, session_id: str, delta: Delta) -> list[bytes]:
         return delta_frames(session_id, delta, self.settings.fragment_max_bytes)
@@ -101,14 +113,25 @@ class Daemon:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             # The socket is root-equivalent: create it with the configured mode, never wider.
-            old_umask = os.umask(0o777 & ~self.settings.socket_mode)
+            mode = self.settings.socket_mode
+            old_umask = os.umask(0o777 & ~mode)
             try:
                 self.server.add_insecure_port(f"unix:{path}")
             finally:
                 os.umask(old_umask)
-            os.chmod(path, self.settings.socket_mode)
+            gid = self.settings.socket_gid
+            if gid is not None:
+                # The operator group may connect: the socket and its directory become theirs to use.
+                os.chown(path, -1, gid)
+                mode |= 0o060
+                if path.parent.stat().st_uid == os.geteuid():
+                    os.chown(path.parent, -1, gid)
+                    os.chmod(path.parent, (path.parent.stat().st_mode & 0o7777) | 0o050)
+            os.chmod(path, mode)
             return f"unix:{path}"
         host_port = listen.removeprefix("tcp:")
+        if not self.settings.tokens and not (self.settings.client_certs and self.settings.tls_client_ca_file):
+            log.warning("listening on TCP with no tokens and no client_certs: every call over TCP will be refused")
         if self.settings.tls_cert_file and self.settings.tls_key_file:
             client_ca = self.settings.tls_client_ca_file.read_bytes() if self.settings.tls_client_ca_file else None
             credentials = grpc.ssl_server_credentials(
@@ -134,6 +157,7 @@ class Daemon:
         await self.server.stop(grace_s)
         self.store.close()
         self.state_lock.release()
+        self.audit.close()
 
 
 async def _set_health(servicer: Any, status: int) -> None:

@@ -7,9 +7,12 @@ traceback to a client.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import errno
 import functools
 import logging
+import os
 from typing import Any
 
 import grpc
@@ -21,13 +24,16 @@ from writewatch.regions import encode_regions
 from .. import __version__
 from .._exceptions import (
     InvalidRange,
+    PolicyDenied,
+    ProcessGone,
     SessionNotFound,
     UsageError,
     WriteWatchError,
 )
-from ..kernel import PAGE_SIZE
+from ..kernel import PAGE_SIZE, read_status
 from ..kernel.probe import probe
 from .attach import SessionSpec
+from .auth import Identity, current_identity
 from .enums import AttachMode
 from .hub import SessionEnd, Subscriber
 from .sessions import ManagedSession, SessionManager
@@ -79,6 +85,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         self._streams_closed = asyncio.Event()
         self.stopping = False
         """Set when shutdown begins: new streams are refused UNAVAILABLE, so clients back off and retry."""
+        self._streams_by_owner: collections.Counter[str] = collections.Counter()
 
     async def drain(self, timeout_s: float) -> None:
         """Wait (bounded) until every open stream has written its last message and returned."""
@@ -90,7 +97,35 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
                 await asyncio.wait_for(self._streams_closed.wait(), max(remaining_s, 0))
 
     def _session(self, session_id: str) -> ManagedSession:
-        return self._manager.get(_require_id(session_id))
+        """The session, if the caller's target policy lets it touch the session's process."""
+        session = self._manager.get(_require_id(session_id))
+        record = session.record
+        current_identity().check_target(record.pid, record.uid, record.comm)
+        return session
+
+    def _may_touch(self, identity: Identity, session: ManagedSession) -> bool:
+        try:
+            identity.check_target(session.record.pid, session.record.uid, session.record.comm)
+        except PolicyDenied:
+            return False
+        return True
+
+    def _check_create(self, identity: Identity, spec: SessionSpec) -> None:
+        """The caller's own limits and target policy for a new session."""
+        owned = sum(1 for s in self._manager.sessions() if s.active and s.record.owner == spec.owner)
+        identity.check_limit("max_sessions", owned)
+        if spec.ranges:
+            identity.check_limit("max_ranges_per_session", 0, len(spec.ranges))
+        if spec.attach_mode == AttachMode.SPAWN:
+            # A spawned program runs as the daemon's user, under the name of its executable.
+            identity.check_target(0, os.geteuid(), os.path.basename(spec.argv[0])[:15] if spec.argv else "")
+            return
+        if spec.pid > 0 and (identity.policy.target_uids is not None or identity.policy.target_comm is not None):
+            try:
+                status = read_status(spec.pid)
+            except ProcessGone:
+                raise ProcessGone(errno.ESRCH, f"process {spec.pid} does not exist") from None
+            identity.check_target(spec.pid, status.effective_uid, status.name)
 
     @rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
@@ -116,7 +151,9 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             auto_ranges=request.auto_ranges,
             tick_interval_ms=request.tick_interval_ms,
             labels=dict(request.labels),
+            owner=_owner(identity := current_identity()),
         )
+        self._check_create(identity, spec)
         session = await self._manager.create(spec)
         return session_message(session)
 
@@ -126,7 +163,10 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     @rpc
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
-        sessions = [s for s in self._manager.sessions() if request.include_ended or s.active]
+        identity = current_identity()
+        sessions = [
+            s for s in self._manager.sessions() if (request.include_ended or s.active) and self._may_touch(identity, s)
+        ]
         start = 0
         if request.page_token:
             # The token names the first session of the page; it may have ended (or been
@@ -146,12 +186,13 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
 
     @rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
-        await self._manager.delete(_require_id(request.session_id))
+        await self._manager.delete(self._session(request.session_id).session_id)
         return pb.DeleteSessionResponse()
 
     @rpc
     async def AddRanges(self, request: pb.AddRangesRequest, context: Any) -> pb.Session:
         session = self._session(request.session_id)
+        current_identity().check_limit("max_ranges_per_session", len(session.tracked), len(request.ranges))
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=True)
         return session_message(session)
 
@@ -182,12 +223,16 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             ):
                 raise InvalidRange("filter_ranges must be page aligned, each with end_address > start_address")
             filter_ranges = ranges_from_message(request.filter_ranges) if request.filter_ranges else None
+            identity = current_identity()
+            owner = _owner(identity)
+            identity.check_limit("max_subscribers", self._streams_by_owner[owner])
             subscriber = session.subscribe(resume, filter_ranges)
         except WriteWatchError as exc:
             await abort(context, exc)
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
         self._open_streams += 1
+        self._streams_by_owner[owner] += 1
         try:
             while True:
                 item = await subscriber.next()
@@ -199,6 +244,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         finally:
             subscriber.close()
             self._open_streams -= 1
+            self._streams_by_owner[owner] -= 1
             self._streams_closed.set()
 
     @staticmethod
@@ -311,6 +357,23 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: Any) -> pb.Capabilities:
         caps = await asyncio.get_running_loop().run_in_executor(self._manager.executor, probe)
         return capabilities_message(caps, __version__)
+
+    @rpc
+    async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.WhoAmIResponse:
+        identity = current_identity()
+        return pb.WhoAmIResponse(
+            identity=identity.name,
+            role=int(identity.role),  # type: ignore[arg-type]
+            auth_method=int(identity.method),  # type: ignore[arg-type]
+            daemon_version=__version__,
+            kernel_version=os.uname().release,
+            peer=context.peer(),
+        )
+
+
+def _owner(identity: Identity) -> str:
+    """The owner recorded for sessions and streams: kind and name, so a token and a certificate never share."""
+    return identity.name if identity.kind == "unix-socket" else f"{identity.kind}:{identity.name}"
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

@@ -41,7 +41,7 @@ from ..tracking.regions import EMPTY, RegionArray, as_regions, n_pages
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
-from .attach import SessionSpec, process_name, readopt, start_tracker
+from .attach import SessionSpec, process_name, process_uid, readopt, start_tracker
 from .enums import AttachMode, EndReason, SessionState
 from .hub import Hub, Published, Subscriber
 from .settings import Settings
@@ -456,6 +456,8 @@ class SessionManager:
             argv=list(spec.argv),
             epoch=time.time_ns(),
             comm=process_name(pid),
+            uid=process_uid(pid),
+            owner=spec.owner,
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session

@@ -36,6 +36,10 @@ class SessionRecord:
     views: list[str] = field(default_factory=list)
     ended_at_unix_ns: int = 0
     """When the session ended (0 while ACTIVE)."""
+    uid: int = -1
+    """Effective uid of the target at attach time (-1: unknown, recorded by an older daemon)."""
+    owner: str = ""
+    """The identity that created the session (``token:NAME``, ``certificate:NAME``, ``unix-socket``)."""
 
 
 class StateStore:

@@ -224,6 +224,62 @@ FIX_STATUS_UNKNOWN: FixStatus.ValueType  # 3
 """The probe could not decide."""
 Global___FixStatus: _TypeAlias = FixStatus  # noqa: Y015
 
+class _Role:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Role.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLE_UNSPECIFIED: _Role.ValueType  # 0
+    """Not set."""
+    ROLE_READER: _Role.ValueType  # 1
+    """Observe: list, get, subscribe, views, scan, dirty rate, capabilities."""
+    ROLE_CONTROLLER: _Role.ValueType  # 2
+    """Also control: attach, spawn, add/remove ranges, harvest, close."""
+    ROLE_ADMIN: _Role.ValueType  # 3
+    """Everything the daemon exposes."""
+
+class Role(_Role, metaclass=_RoleEnumTypeWrapper):
+    """Role of an identity; each role has every right of the roles before it (docs/security.md)."""
+
+ROLE_UNSPECIFIED: Role.ValueType  # 0
+"""Not set."""
+ROLE_READER: Role.ValueType  # 1
+"""Observe: list, get, subscribe, views, scan, dirty rate, capabilities."""
+ROLE_CONTROLLER: Role.ValueType  # 2
+"""Also control: attach, spawn, add/remove ranges, harvest, close."""
+ROLE_ADMIN: Role.ValueType  # 3
+"""Everything the daemon exposes."""
+Global___Role: _TypeAlias = Role  # noqa: Y015
+
+class _AuthMethod:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AuthMethodEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AuthMethod.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AUTH_METHOD_UNSPECIFIED: _AuthMethod.ValueType  # 0
+    """Not set."""
+    AUTH_METHOD_UNIX_SOCKET: _AuthMethod.ValueType  # 1
+    """A caller on the Unix socket without a token (admin unless the socket requires tokens)."""
+    AUTH_METHOD_TOKEN: _AuthMethod.ValueType  # 2
+    """A bearer token (authorization metadata) declared in the daemon's settings."""
+    AUTH_METHOD_CLIENT_CERTIFICATE: _AuthMethod.ValueType  # 3
+    """A TLS client certificate whose subject (CN or SAN) the settings map to a role."""
+
+class AuthMethod(_AuthMethod, metaclass=_AuthMethodEnumTypeWrapper):
+    """How the daemon identified a caller."""
+
+AUTH_METHOD_UNSPECIFIED: AuthMethod.ValueType  # 0
+"""Not set."""
+AUTH_METHOD_UNIX_SOCKET: AuthMethod.ValueType  # 1
+"""A caller on the Unix socket without a token (admin unless the socket requires tokens)."""
+AUTH_METHOD_TOKEN: AuthMethod.ValueType  # 2
+"""A bearer token (authorization metadata) declared in the daemon's settings."""
+AUTH_METHOD_CLIENT_CERTIFICATE: AuthMethod.ValueType  # 3
+"""A TLS client certificate whose subject (CN or SAN) the settings map to a role."""
+Global___AuthMethod: _TypeAlias = AuthMethod  # noqa: Y015
+
 @_typing.final
 class AddressRange(_message.Message):
     """A half-open, page-aligned range of virtual addresses."""
@@ -1535,3 +1591,62 @@ class Capabilities(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Capabilities: _TypeAlias = Capabilities  # noqa: Y015
+
+@_typing.final
+class WhoAmIRequest(_message.Message):
+    """Request of WhoAmI."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIRequest: _TypeAlias = WhoAmIRequest  # noqa: Y015
+
+@_typing.final
+class WhoAmIResponse(_message.Message):
+    """The caller as the daemon sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    AUTH_METHOD_FIELD_NUMBER: _builtins.int
+    DAEMON_VERSION_FIELD_NUMBER: _builtins.int
+    KERNEL_VERSION_FIELD_NUMBER: _builtins.int
+    PEER_FIELD_NUMBER: _builtins.int
+    identity: _builtins.str
+    """Name of the identity: the token's name, the certificate subject, or "unix-socket"."""
+    role: Global___Role.ValueType
+    """Role granted to the identity."""
+    auth_method: Global___AuthMethod.ValueType
+    """How the identity was established."""
+    daemon_version: _builtins.str
+    """Version of writewatchd."""
+    kernel_version: _builtins.str
+    """Running kernel release of the daemon's host (uname -r)."""
+    peer: _builtins.str
+    """The caller's address as the daemon sees it (gRPC peer string)."""
+    def __init__(
+        self,
+        *,
+        identity: _builtins.str = ...,
+        role: Global___Role.ValueType = ...,
+        auth_method: Global___AuthMethod.ValueType = ...,
+        daemon_version: _builtins.str = ...,
+        kernel_version: _builtins.str = ...,
+        peer: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_method", b"auth_method", "daemon_version", b"daemon_version", "identity", b"identity", "kernel_version", b"kernel_version", "peer", b"peer", "role", b"role"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WhoAmIResponse: _TypeAlias = WhoAmIResponse  # noqa: Y015

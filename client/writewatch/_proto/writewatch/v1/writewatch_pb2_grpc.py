@@ -120,6 +120,11 @@ class WriteWatchStub:
                 request_serializer=writewatch_dot_v1_dot_writewatch__pb2.GetCapabilitiesRequest.SerializeToString,
                 response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.Capabilities.FromString,
                 _registered_method=True)
+        self.WhoAmI = channel.unary_unary(
+                '/writewatch.v1.WriteWatch/WhoAmI',
+                request_serializer=writewatch_dot_v1_dot_writewatch__pb2.WhoAmIRequest.SerializeToString,
+                response_deserializer=writewatch_dot_v1_dot_writewatch__pb2.WhoAmIResponse.FromString,
+                _registered_method=True)
 
 
 class WriteWatchServicer:
@@ -247,6 +252,13 @@ class WriteWatchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WhoAmI(self, request, context):
+        """Who the daemon takes the caller for (identity and role), with its version: a cheap ping.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WriteWatchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -334,6 +346,11 @@ def add_WriteWatchServicer_to_server(servicer, server):
                     servicer.GetCapabilities,
                     request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.GetCapabilitiesRequest.FromString,
                     response_serializer=writewatch_dot_v1_dot_writewatch__pb2.Capabilities.SerializeToString,
+            ),
+            'WhoAmI': grpc.unary_unary_rpc_method_handler(
+                    servicer.WhoAmI,
+                    request_deserializer=writewatch_dot_v1_dot_writewatch__pb2.WhoAmIRequest.FromString,
+                    response_serializer=writewatch_dot_v1_dot_writewatch__pb2.WhoAmIResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -796,6 +813,33 @@ class WriteWatch:
             '/writewatch.v1.WriteWatch/GetCapabilities',
             writewatch_dot_v1_dot_writewatch__pb2.GetCapabilitiesRequest.SerializeToString,
             writewatch_dot_v1_dot_writewatch__pb2.Capabilities.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WhoAmI(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/writewatch.v1.WriteWatch/WhoAmI',
+            writewatch_dot_v1_dot_writewatch__pb2.WhoAmIRequest.SerializeToString,
+            writewatch_dot_v1_dot_writewatch__pb2.WhoAmIResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -82,6 +82,8 @@ class WriteWatchStub:
     """Recent write rate of a session."""
     GetCapabilities: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.GetCapabilitiesRequest, _writewatch_pb2.Capabilities]
     """What the kernel and daemon support."""
+    WhoAmI: _grpc.UnaryUnaryMultiCallable[_writewatch_pb2.WhoAmIRequest, _writewatch_pb2.WhoAmIResponse]
+    """Who the daemon takes the caller for (identity and role), with its version: a cheap ping."""
 
 @_typing.type_check_only
 class WriteWatchAsyncStub(WriteWatchStub):
@@ -126,6 +128,8 @@ class WriteWatchAsyncStub(WriteWatchStub):
     """Recent write rate of a session."""
     GetCapabilities: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.GetCapabilitiesRequest, _writewatch_pb2.Capabilities]  # type: ignore[assignment]
     """What the kernel and daemon support."""
+    WhoAmI: _aio.UnaryUnaryMultiCallable[_writewatch_pb2.WhoAmIRequest, _writewatch_pb2.WhoAmIResponse]  # type: ignore[assignment]
+    """Who the daemon takes the caller for (identity and role), with its version: a cheap ping."""
 
 class WriteWatchServicer(metaclass=_abc_1.ABCMeta):
     """Tracks which pages of running processes are written and streams them to clients."""
@@ -269,5 +273,13 @@ class WriteWatchServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_writewatch_pb2.Capabilities, _abc.Awaitable[_writewatch_pb2.Capabilities]]:
         """What the kernel and daemon support."""
+
+    @_abc_1.abstractmethod
+    def WhoAmI(
+        self,
+        request: _writewatch_pb2.WhoAmIRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_writewatch_pb2.WhoAmIResponse, _abc.Awaitable[_writewatch_pb2.WhoAmIResponse]]:
+        """Who the daemon takes the caller for (identity and role), with its version: a cheap ping."""
 
 def add_WriteWatchServicer_to_server(servicer: WriteWatchServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
