@@ -33,6 +33,7 @@ N_TARGET_KILLS_PER_PHASE = 34 if SOAK else 4  # x3 phases: 102 (soak) or 12
 N_DAEMON_KILLS = 20 if SOAK else 3
 N_CYCLES = 200 if SOAK else 50
 T = TypeVar("T")
+HARVEST_THREADS = 4  # the daemon's default harvest pool, which starts threads on demand
 PATIENT = writewatch.RetryPolicy(max_attempts=200, initial_backoff_s=0.02, max_backoff_s=0.25)
 
 
@@ -77,10 +78,15 @@ class Resources:
             len(_children(self.pid)),
         )
 
-    def assert_back_to_baseline(self, timeout_s: float = 20) -> None:
-        """Counts settle back (closing and reaping are asynchronous); never above the baseline."""
+    def assert_back_to_baseline(self, timeout_s: float = 20, *, thread_slack: int = 0) -> None:
+        """Counts settle back (closing and reaping are asynchronous); never above the baseline.
+
+        ``thread_slack``: threads a bounded pool may still add (it grows on demand up to its
+        size): a leak grows with the number of cycles, a pool does not.
+        """
         deadline = time.monotonic() + timeout_s
-        while any(n > b for n, b in zip(self.now(), self.baseline, strict=True)):
+        limits = (self.baseline[0], self.baseline[1] + thread_slack, self.baseline[2])
+        while any(n > b for n, b in zip(self.now(), limits, strict=True)):
             assert time.monotonic() < deadline, (
                 f"pid {self.pid} (fds, threads, children) {self.now()} > baseline {self.baseline}; new fds: "
                 f"{ {fd: link for fd, link in self.fds().items() if self.baseline_fds.get(fd) != link} }"
@@ -147,7 +153,10 @@ def _kill_during(client: writewatch.Client, phase: str, rng: random.Random) -> t
             thread = threading.Thread(target=attach, daemon=True)
             thread.start()
             time.sleep(rng.uniform(0, 0.01))
-            target.kill()
+            # Killed mid-injection, the target is reported to its tracer (the daemon's helper)
+            # before its parent can reap it: allow the helper its deadline on a loaded machine.
+            target.proc.kill()
+            target.proc.wait(30)
             thread.join(30)
             assert not thread.is_alive(), f"{phase}: the attach hung after its target was killed"
     finally:
@@ -204,7 +213,7 @@ def test_targets_killed_at_random_points(
             assert session.info().end_reason == writewatch.pb.END_REASON_EXITED
             session.close()  # deleted: its record and resources go
     _bystander_exact(bystander, written_b)
-    resources.assert_back_to_baseline()
+    resources.assert_back_to_baseline(thread_slack=HARVEST_THREADS)
     log = daemon.log.read_text()
     assert "Traceback" not in log, log[-4000:]
     print(
@@ -257,7 +266,9 @@ def test_daemon_killed_at_random_points_loses_nothing(daemon: DaemonProcess) -> 
             for sub in subs[2 * i : 2 * i + 2]:
                 sub.wait_for_seq(info.last_seq, epoch=info.epoch, timeout_s=30)
                 sub.checker.check_covers(written[i])
-                assert sub.checker.n_resyncs >= N_DAEMON_KILLS  # one per new epoch at least
+                # A subscriber that was still reconnecting when the daemon died again skips that
+                # epoch altogether: it sees at least one new epoch, not necessarily every one.
+                assert sub.checker.n_resyncs >= 2
             target.read(0)  # unharmed: still answers
             assert _n_entries(f"/proc/{target.pid}/fd") == fds_before[i]
         n_checked = sum(len(w) for w in written) * 2
@@ -352,7 +363,7 @@ def test_attach_close_cycles_on_a_busy_multithreaded_target(client: writewatch.C
             sub.join()
             if cycle == 0:
                 daemon_resources = Resources(daemon.pid)  # after the first cycle warmed the pools up
-        daemon_resources.assert_back_to_baseline()
+        daemon_resources.assert_back_to_baseline(thread_slack=HARVEST_THREADS)
         target_resources.assert_back_to_baseline()
         stats = target.stats()
         assert (stats["eintr"], stats["bad"]) == (0, 0), stats

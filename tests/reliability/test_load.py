@@ -37,6 +37,8 @@ class Subscriber:
     task: asyncio.Task[None] | None = None
     n_connects: int = 0
     error: BaseException | None = None
+    ended: str = ""
+    """How the last connection's stream ended by itself (it never should: the sessions go on)."""
 
 
 @dataclass
@@ -67,6 +69,7 @@ async def _consume(client: writewatch.AsyncClient, session_id: str, sub: Subscri
     try:
         async for delta in session.subscribe(resume=sub.checker.cursor):
             sub.checker.feed(delta)
+        sub.ended = f"stream returned at {sub.checker.cursor}: {session.end_reason!r} {session.end_message!r}"
     except asyncio.CancelledError:
         raise
     except BaseException as exc:
@@ -132,7 +135,11 @@ async def test_sessions_and_subscribers_under_random_disconnects_miss_nothing(
                 wait_until = time.monotonic() + 60
                 while sub.checker.cursor is None or sub.checker.cursor < (info.epoch, info.last_seq):
                     assert sub.error is None, f"{sub.checker.name}: {sub.error!r}"
-                    assert time.monotonic() < wait_until, f"{sub.checker.name} stuck at {sub.checker.cursor}"
+                    assert time.monotonic() < wait_until, (
+                        f"{sub.checker.name} stuck at {sub.checker.cursor} of {(info.epoch, info.last_seq)} "
+                        f"after {sub.n_connects} connects; {sub.ended or 'its stream is open'}; "
+                        f"{info.statistics.n_subscribers} subscribers on the daemon"
+                    )
                     await asyncio.sleep(0.01)
                 sub.checker.check_covers(t.written)
         peak_kib = _peak_rss_kib(daemon.pid)

@@ -9,9 +9,11 @@ Conventions:
 - Field names carry their unit: *_bytes, n_pages, *_ms, *_ns, *_unix_ns (nanoseconds
   since the Unix epoch).
 - Errors use the canonical gRPC status codes: INVALID_ARGUMENT (malformed, unaligned or
-  overlapping ranges, unknown enum values), NOT_FOUND (unknown session or pid),
-  PERMISSION_DENIED, FAILED_PRECONDITION (session ended, kernel lacks a feature),
-  RESOURCE_EXHAUSTED (limits), UNAVAILABLE (daemon shutting down).
+  overlapping ranges, unknown enum values, unparsable requests), NOT_FOUND (unknown
+  session, pid or a target that exited), ALREADY_EXISTS (the process already has an
+  active session: one session per process), PERMISSION_DENIED, FAILED_PRECONDITION
+  (session ended, kernel lacks a feature), RESOURCE_EXHAUSTED (limits, messages over
+  16 MiB), UNAVAILABLE (daemon shutting down).
 """
 
 from collections import abc as _abc
