@@ -11,12 +11,13 @@ import json
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from ._client import Client, Session, View
@@ -27,7 +28,9 @@ from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
 from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
+from .analysis import recording_report
 from .fleet import Fleet, FleetError
+from .heatmap import render_heatmap
 from .recording import record_session
 from .regions import DEFAULT_PAGE_SIZE_BYTES
 
@@ -371,6 +374,165 @@ def record(
         f"({format_bytes(summary['size_bytes'])}) in {summary['elapsed_s']:.1f} s to {summary['path']} "
         f"({format_bytes(summary['file_bytes'])}; stopped: {summary['stop']}{ended})",
         soft_wrap=True,
+    )
+
+
+def _dirty_rate_table(rate: pb.DirtyRate, state: str) -> Table:
+    table = Table(
+        "", f"over {rate.window_ms / 1000:g} s", box=None, padding=(0, 2), title=f"{rate.session_id}  {state}"
+    )
+    table.add_row("pages/s", f"{rate.pages_per_second:,.1f}")
+    table.add_row("bytes/s", format_bytes(rate.bytes_per_second) + "/s")
+    table.add_row("regions/s", f"{rate.regions_per_second:,.1f}")
+    return table
+
+
+def _dirty_rate_json(rate: pb.DirtyRate, state: str) -> dict[str, Any]:
+    return message_to_json(rate) | {"mib_per_second": rate.bytes_per_second / (1 << 20), "state": state}
+
+
+@app.command()
+def rate(
+    ctx: typer.Context,
+    *,
+    session_id: SessionArgument,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C or the session ends.")] = False,
+    interval: Annotated[float, typer.Option("--interval", "-i", min=0.05, help="Seconds between refreshes.")] = 1.0,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The session's exact dirty rate (GetDirtyRate): pages/s, bytes/s, regions/s over the daemon's window.
+
+    With --json and --watch, one JSON object per line.
+    """
+    with _errors(), _client(ctx, address) as client:
+        session = client.session(session_id)
+        if not watch:
+            snapshot = session.info()
+            sample = session.dirty_rate()
+            state = _short(pb.SessionState, snapshot.state)
+            if as_json:
+                _print_json(_dirty_rate_json(sample, state))
+            else:
+                _console.print(_dirty_rate_table(sample, state))
+            return
+        display = None if as_json else Live(console=_console, auto_refresh=False)
+        with display or nullcontext(), suppress(KeyboardInterrupt):
+            while True:
+                sample = session.dirty_rate()
+                snapshot = session.info()
+                state = _short(pb.SessionState, snapshot.state)
+                if display is None:
+                    typer.echo(json.dumps(_dirty_rate_json(sample, state)))
+                else:
+                    display.update(_dirty_rate_table(sample, state), refresh=True)
+                if snapshot.state == pb.SESSION_STATE_ENDED:
+                    return
+                time.sleep(interval)
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="Recording file.", show_default=False)],
+    interval: Annotated[
+        float, typer.Option("--interval", "-i", min=0.001, help="Seconds per dirty-rate sample.")
+    ] = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Summarise a recording: duration, deltas, pages, dirty rate over time, working set, busiest ranges, epochs."""
+    with _errors():
+        summary = recording_report(path, interval_s=interval)
+    if as_json:
+        _print_json(summary)
+        return
+    _print_report(summary)
+
+
+def _print_report(summary: dict[str, Any]) -> None:
+    page = summary["page_size_bytes"]
+    if summary["complete"]:
+        state = f"complete (stopped: {summary['stop']}" + (
+            f", session {summary['end_reason']})" if summary["end_reason"] else ")"
+        )
+    elif summary["truncated"]:
+        state = "TRUNCATED: the file ends inside a record; the whole records before it were read"
+    else:
+        state = "not closed by the recorder (killed?); every record is whole"
+    overview = Table(box=None, show_header=False, padding=(0, 2), title=f"recording {summary['path']}")
+    overview.add_row("session", f"{summary['session_id']}  pid {summary['pid']}  {summary['comm']}")
+    overview.add_row("file", state)
+    overview.add_row("duration", f"{summary['duration_s']:.3f} s")
+    overview.add_row("deltas", f"{summary['n_deltas']:,} ({summary['n_resyncs']:,} RESYNC)")
+    overview.add_row("pages received", f"{summary['n_pages']:,} ({format_bytes(summary['size_bytes'])}), "
+                     f"{summary['n_resync_pages']:,} of them in RESYNCs")  # fmt: skip
+    overview.add_row("pages written", f"{summary['n_written_pages']:,} ({format_bytes(summary['written_bytes'])})")
+    overview.add_row(
+        "working set",
+        f"{summary['working_set_pages']:,} distinct pages ({format_bytes(summary['working_set_bytes'])}) "
+        f"of {summary['tracked_pages']:,} tracked",
+    )
+    rate_stats = summary["rate"]["pages_per_second"]
+    overview.add_row(
+        f"dirty rate per {summary['rate']['interval_s']:g} s",
+        "  ".join(f"{name} {rate_stats[name]:,.0f} pages/s ({format_bytes(rate_stats[name] * page)}/s)"
+                  for name in ("min", "median", "max")),
+    )  # fmt: skip
+    _console.print(overview)
+    if summary["n_deltas"] == 0:
+        _console.print("the recording holds no delta: nothing was written while it ran")
+    if summary["busiest"]:
+        busiest = Table("busiest range", "pages written", "share", box=None, padding=(0, 2))
+        for row in summary["busiest"]:
+            busiest.add_row(
+                f"0x{row['start_address']:x}-0x{row['end_address']:x}",
+                f"{row['n_written_pages']:,}",
+                f"{row['share']:.1%}",
+            )
+        _console.print(busiest)
+    if summary["epochs"]:
+        epochs = Table("epoch", "seqs", "deltas", "RESYNCs", "pages", box=None, padding=(0, 2))
+        for epoch in summary["epochs"]:
+            epochs.add_row(
+                str(epoch["epoch"]),
+                f"{epoch['first_seq']}..{epoch['last_seq']}",
+                f"{epoch['n_deltas']:,}",
+                str(epoch["n_resyncs"]),
+                f"{epoch['n_pages']:,}",
+            )
+        _console.print(epochs)
+
+
+@app.command()
+def heatmap(
+    *,
+    path: Annotated[Path, typer.Argument(help="Recording file.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.", show_default=False)],
+    address_range: Annotated[
+        str | None, typer.Option("--range", "-r", help="Only START-END (or START+SIZE) addresses.", show_default=False)
+    ] = None,
+    from_s: Annotated[
+        float | None, typer.Option("--from", min=0, help="Start at this second.", show_default=False)
+    ] = None,
+    to_s: Annotated[float | None, typer.Option("--to", min=0, help="End at this second.", show_default=False)] = None,
+) -> None:
+    """Draw a recording: address x time, colour = pages written per cell (log), tracked ranges laid end to end.
+
+    Needs matplotlib (pip install 'writewatch[plot]').
+    """
+    with _errors():
+        try:
+            info = render_heatmap(
+                path,
+                output,
+                address_range=parse_range(address_range) if address_range else None,
+                from_s=from_s,
+                to_s=to_s,
+            )
+        except ImportError as error:
+            raise ValueError(str(error)) from None
+    rows, cols = info.grid.cells.shape
+    _errors_console.print(
+        f"wrote {output}: {cols} x {rows} cells, {int(info.grid.cells.sum()):,} pages written", soft_wrap=True
     )
 
 
