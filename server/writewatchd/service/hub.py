@@ -202,6 +202,8 @@ class Hub:
         history_max_bytes: int = 64 << 20,
     ) -> None:
         self._state = HubState(encode, epoch, max_queued, history_max_deltas, history_max_bytes)
+        self.n_evictions = 0
+        """Subscribers evicted so far."""
 
     def statistics(self) -> HubStatistics:
         """Current counters."""
@@ -226,6 +228,11 @@ class Hub:
     def n_subscribers(self) -> int:
         """Subscribers connected now."""
         return len(self._state.subscribers)
+
+    @property
+    def n_queued(self) -> int:
+        """Deltas queued for the connected subscribers, all together."""
+        return sum(subscriber.statistics().n_queued for subscriber in self._state.subscribers)
 
     def prepare(self, regions: RegionArray, *, resync: bool = False, encode_now: bool = True) -> Published | None:
         """Number a harvest result and encode it (off the event loop); ``None`` when empty.
@@ -303,6 +310,7 @@ class Hub:
         """Drop one subscriber and its queue; its next item is the end, reason EVICTED."""
         self._state.subscribers.discard(subscriber)
         subscriber.finish(SessionEnd(EndReason.EVICTED, message), drop_queued=True)
+        self.n_evictions += 1
 
     def _resync(self, tracked: RegionArray, *, first_seq: int) -> Published:
         seq = max(self._state.last_seq, first_seq)
