@@ -20,6 +20,7 @@ from ._async_client import AsyncClient, AsyncSession
 from ._client import Client
 from ._exceptions import WriteWatchError
 from ._proto.writewatch.v1 import recording_pb2 as rpb
+from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._recordfile import RecordingStop, RecordingWriter, session_ranges
 from ._types import EndReason
 from ._watch import _async_client, format_bytes
@@ -131,6 +132,9 @@ async def record_session_async(
         session = await client.session(session_id)
         capabilities = await client.capabilities()
         snapshot = session.snapshot
+        if snapshot.state == pb.SESSION_STATE_ENDED and not from_start:
+            reason = EndReason(snapshot.end_reason).name
+            raise ValueError(f"session {session_id} has ended ({reason}): nothing more to record")
         resume = None if from_start else (snapshot.epoch, snapshot.last_seq)
         header = rpb.RecordingHeader(
             session=snapshot,

@@ -19,9 +19,10 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
+from google.protobuf.message import DecodeError, Message
 
 from ._exceptions import RecordingError, RecordingVersionError
 from ._proto.writewatch.v1 import recording_pb2 as rpb
@@ -175,6 +176,16 @@ def _read_frame(file: IO[bytes], path: Path, offset: int) -> _Frame:
     return _Frame(body)
 
 
+_Message = TypeVar("_Message", bound=Message)
+
+
+def _parse(kind: type[_Message], body: bytes, path: Path, what: str) -> _Message:
+    try:
+        return kind.FromString(body)
+    except DecodeError:
+        raise RecordingError(f"{path}: {what} is not a {kind.DESCRIPTOR.name}: corrupt recording") from None
+
+
 class Recording:
     """A recording opened for reading: the header at once, the deltas by iterating.
 
@@ -208,7 +219,7 @@ class Recording:
             frame = _read_frame(file, self.path, file.tell())
             if frame.body is None:
                 raise RecordingError(f"{self.path}: truncated inside its header: no record can be read")
-            self.header = rpb.RecordingHeader.FromString(frame.body)
+            self.header = _parse(rpb.RecordingHeader, frame.body, self.path, "its header")
             self._records_offset = file.tell()
         self.end: rpb.RecordingEnd | None = None
         self.truncated = False
@@ -268,7 +279,7 @@ class Recording:
                     return
                 if self.end is not None:
                     raise RecordingError(f"{self.path}: record at byte {offset} after the end record")
-                record = rpb.RecordingRecord.FromString(frame.body)
+                record = _parse(rpb.RecordingRecord, frame.body, self.path, f"the record at byte {offset}")
                 kind = record.WhichOneof("record")
                 if kind == "delta":
                     yield delta_from_pb(record.delta)

@@ -410,7 +410,7 @@ def rate(
         if not watch:
             snapshot = session.info()
             sample = session.dirty_rate()
-            state = _short(pb.SessionState, snapshot.state)
+            state = short_name(pb.SessionState, snapshot.state)
             if as_json:
                 _print_json(_dirty_rate_json(sample, state))
             else:
@@ -421,7 +421,7 @@ def rate(
             while True:
                 sample = session.dirty_rate()
                 snapshot = session.info()
-                state = _short(pb.SessionState, snapshot.state)
+                state = short_name(pb.SessionState, snapshot.state)
                 if display is None:
                     typer.echo(json.dumps(_dirty_rate_json(sample, state)))
                 else:

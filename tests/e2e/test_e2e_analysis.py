@@ -149,8 +149,11 @@ def test_report_json_matches_counts_computed_from_the_file(workload: tuple[Path,
         "written_bytes": hot_pages * PAGE,
         "share": round(hot_pages / len(written_pages), 4),
     }
+    cold_pages = sum(1 for p in written_pages if target.base // PAGE + COLD[0] <= p < target.base // PAGE + COLD[1])
     assert report["busiest"][1]["start_address"] == target.base + COLD[0] * PAGE
-    assert report["busiest"][1]["n_written_pages"] == COLD[1] - COLD[0]
+    assert report["busiest"][1]["n_written_pages"] == cold_pages
+    # Written once each; the tracker may over-report (never under-report) a page.
+    assert cold_pages >= COLD[1] - COLD[0]
     (epoch,) = report["epochs"]
     assert (epoch["first_seq"], epoch["last_seq"]) == (deltas[0].first_seq, deltas[-1].seq)
     assert report["complete"] and report["stop"] == "INTERRUPTED" and report["end_reason"] is None

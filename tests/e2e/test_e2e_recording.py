@@ -198,3 +198,19 @@ def test_an_unwritable_output_is_one_clear_line(
         assert result.returncode == 1
         assert result.stderr.startswith("writewatch: [Errno") and str(output) in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_an_ended_session_is_refused_by_name(
+    client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
+) -> None:
+    session = attach(client, target)
+    target.exit()
+    deadline = time.monotonic() + 20
+    while session.info().state != writewatch.pb.SESSION_STATE_ENDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    path = tmp_path / "ended.wwrec"
+    result = run_cli("--address", daemon.address, "record", session.id, "-o", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"writewatch: session {session.id} has ended (EXITED): nothing more to record"
+    assert not path.exists()
