@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from collections.abc import Callable
@@ -109,6 +110,8 @@ def test_permissions(caps: Capabilities) -> None:
 
 
 def _snapshot() -> tuple[list[str], list[str]]:
+    # Garbage of earlier tests may own fds that a collection during probe() would close.
+    gc.collect()
     maps = Path("/proc/self/maps").read_text().splitlines()
     fds = sorted(os.listdir("/proc/self/fd"))
     return maps, fds
