@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +108,22 @@ class CoopTarget:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(5)
+
+
+@contextlib.contextmanager
+def traced_by_another_process(pid: int) -> Iterator[int]:
+    """Hold ``pid`` seized by a tracer process (so injection is refused); yields the tracer's pid."""
+    code = (
+        "import sys, time\n"
+        "from writewatchd.kernel.ptrace import seize\n"
+        "seize(int(sys.argv[1]))\n"
+        "print('ok', flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    tracer = subprocess.Popen([sys.executable, "-c", code, str(pid)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "ok"
+        yield tracer.pid
+    finally:
+        tracer.kill()
+        tracer.wait()

@@ -11,22 +11,18 @@ import grpc
 from google.protobuf.message import Message
 from grpc import aio
 
-from ._client import RESUMABLE_ENDS, should_retry
 from ._connect import Connection, explain, resolve
+from ._core import SubscriptionState, attach_request, get_write_watch_request, scan_request, spawn_request
 from ._exceptions import NotFound, RpcError, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
-from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
+from ._types import Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
 from ._wire import (
     CHANNEL_OPTIONS,
-    FragmentCollector,
     RangesArg,
-    create_request,
     delta_from_pb,
     join_fragments,
-    pages_in,
     scan_result,
-    subscribe_request,
     to_ranges,
     write_watch_result,
 )
@@ -116,11 +112,9 @@ class AsyncClient:
         ranges only); ``follow_children``: each child process becomes a session of its own,
         with ``parent_session_id`` and these labels.
         """
-        mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
-        request = create_request(
-            pid=pid,
-            attach_mode=mode,
-            ranges=ranges,
+        request = attach_request(
+            pid,
+            ranges,
             uffd_fd=uffd_fd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
@@ -146,13 +140,9 @@ class AsyncClient:
         ``follow_exec`` and ``follow_children`` as for :meth:`attach`: with both, a launcher
         chain (``sh -c 'exec …'``, a Python launcher forking helpers) is tracked program by program.
         """
-        if not argv:
-            raise ValueError("argv must name a program")
-        request = create_request(
-            pid=0,
-            attach_mode=AttachMode.SPAWN,
-            ranges=ranges,
-            argv=argv,
+        request = spawn_request(
+            argv,
+            ranges,
             env=env,
             cwd=cwd,
             tick_interval_ms=tick_interval_ms,
@@ -276,14 +266,14 @@ class AsyncSession:
 
         ``return_mask`` defaults to ``category_mask | category_anyof_mask``; ``max_pages`` 0: no limit.
         """
-        request = pb.ScanRequest(
-            session_id=self.id,
-            start_address=start_address,
-            end_address=end_address,
+        request = scan_request(
+            self.id,
+            start_address,
+            end_address,
             category_mask=category_mask,
             category_anyof_mask=category_anyof_mask,
             category_inverted=category_inverted,
-            return_mask=category_mask | category_anyof_mask if return_mask is None else return_mask,
+            return_mask=return_mask,
             max_pages=max_pages,
         )
         return scan_result(await self.client._call(self.client._stub.Scan, request))
@@ -337,43 +327,26 @@ class AsyncSession:
 
         For relays such as the JetStream exporter, which pass the serialized fragments on.
         """
-        filters = list(filter_ranges or ())
-        cursor = resume
-        collector = FragmentCollector()
-        failures = 0
-        while True:
-            call = self.client._stub.Subscribe(
-                subscribe_request(self.id, cursor, filters), metadata=self.client._metadata
-            )
+        state = SubscriptionState(self.id, resume, filter_ranges, reconnect=reconnect, retry=self.client.retry)
+        while not state.done:
+            call = self.client._stub.Subscribe(state.request(), metadata=self.client._metadata)
             try:
                 async for response in call:
-                    failures = 0
-                    if response.HasField("session_ended"):
-                        reason = EndReason(response.session_ended.reason)
-                        if reason in RESUMABLE_ENDS and reconnect:
-                            break  # the session goes on (evicted stream, restarting daemon): reopen from the cursor
-                        self.end_reason = reason
-                        self.end_message = response.session_ended.message
-                        return
-                    fragments = collector.add(response.delta)
-                    if fragments is None:
-                        continue
-                    last = fragments[-1]
-                    if cursor is not None and last.epoch == cursor[0] and last.seq <= cursor[1]:
-                        continue  # already delivered before the stream was resumed
-                    cursor = (last.epoch, last.seq)
-                    yield fragments
-                else:
-                    return
-                collector.reset()
+                    fragments = state.receive(response)
+                    if fragments is not None:
+                        yield fragments
+                    elif state.stream_over:
+                        break
+                state.closed()
             except grpc.RpcError as error:
-                failures += 1
-                if not should_retry(error, reconnect, failures, self.client.retry):
+                delay_s = state.retry_after_s(error)
+                if delay_s is None:
                     raise await self.client._error(error) from None
-                collector.reset()
-                await asyncio.sleep(self.client.retry.backoff_s(failures))
+                await asyncio.sleep(delay_s)
             finally:
                 call.cancel()
+        if state.end is not None:
+            self.end_reason, self.end_message = state.end.reason, state.end.message
 
 
 class AsyncView:
@@ -394,13 +367,8 @@ class AsyncView:
         At most ``max_count`` addresses (default: as many as the range has pages); with
         ``reset`` the returned pages are cleared in this view only.
         """
-        request = pb.GetWriteWatchRequest(
-            session_id=self.session.id,
-            view_id=self.name,
-            base_address=base_address,
-            size_bytes=size_bytes,
-            flags=pb.WRITE_WATCH_FLAG_RESET if reset else 0,
-            max_count=pages_in(size_bytes) if max_count is None else max_count,
+        request = get_write_watch_request(
+            self.session.id, self.name, base_address, size_bytes, max_count=max_count, reset=reset
         )
         client = self.session.client
         return write_watch_result(await client._call(client._stub.GetWriteWatch, request))

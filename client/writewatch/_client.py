@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
 from ._connect import Connection, explain, resolve
+from ._core import SubscriptionState, attach_request, get_write_watch_request, scan_request, spawn_request
 from ._exceptions import NotFound, RpcError, from_grpc_error
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
-from ._types import AttachMode, Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
-from ._wire import (
-    CHANNEL_OPTIONS,
-    FragmentAssembler,
-    RangesArg,
-    create_request,
-    delta_from_pb,
-    pages_in,
-    scan_result,
-    subscribe_request,
-    to_ranges,
-    write_watch_result,
-)
+from ._types import Delta, EndReason, RetryPolicy, ScanResult, WriteWatchResult
+from ._wire import CHANNEL_OPTIONS, RangesArg, delta_from_pb, join_fragments, scan_result, to_ranges, write_watch_result
 
-__all__ = ["Client", "Session", "View", "already_seen", "should_retry"]
+__all__ = ["Client", "Session", "View"]
 
 _Request = TypeVar("_Request", bound=Message)
 _Response = TypeVar("_Response", bound=Message)
@@ -119,11 +109,9 @@ class Client:
         ranges only); ``follow_children``: each child process becomes a session of its own,
         with ``parent_session_id`` and these labels.
         """
-        mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
-        request = create_request(
-            pid=pid,
-            attach_mode=mode,
-            ranges=ranges,
+        request = attach_request(
+            pid,
+            ranges,
             uffd_fd=uffd_fd,
             tick_interval_ms=tick_interval_ms,
             labels=labels,
@@ -149,13 +137,9 @@ class Client:
         ``follow_exec`` and ``follow_children`` as for :meth:`attach`: with both, a launcher
         chain (``sh -c 'exec …'``, a Python launcher forking helpers) is tracked program by program.
         """
-        if not argv:
-            raise ValueError("argv must name a program")
-        request = create_request(
-            pid=0,
-            attach_mode=AttachMode.SPAWN,
-            ranges=ranges,
-            argv=argv,
+        request = spawn_request(
+            argv,
+            ranges,
             env=env,
             cwd=cwd,
             tick_interval_ms=tick_interval_ms,
@@ -277,14 +261,14 @@ class Session:
 
         ``return_mask`` defaults to ``category_mask | category_anyof_mask``; ``max_pages`` 0: no limit.
         """
-        request = pb.ScanRequest(
-            session_id=self.id,
-            start_address=start_address,
-            end_address=end_address,
+        request = scan_request(
+            self.id,
+            start_address,
+            end_address,
             category_mask=category_mask,
             category_anyof_mask=category_anyof_mask,
             category_inverted=category_inverted,
-            return_mask=category_mask | category_anyof_mask if return_mask is None else return_mask,
+            return_mask=return_mask,
             max_pages=max_pages,
         )
         return scan_result(self.client._call(self.client._stub.Scan, request))
@@ -323,60 +307,26 @@ class Session:
         restarts is reopened (``client.retry``) after the last delta yielded, so no seq is
         skipped or repeated; a new epoch starts with a resync.
         """
-        filters = list(filter_ranges or ())
-        cursor = resume
-        assembler = FragmentAssembler()
-        failures = 0
-        while True:
-            call = self.client._stub.Subscribe(
-                subscribe_request(self.id, cursor, filters), metadata=self.client._metadata
-            )
+        state = SubscriptionState(self.id, resume, filter_ranges, reconnect=reconnect, retry=self.client.retry)
+        while not state.done:
+            call = self.client._stub.Subscribe(state.request(), metadata=self.client._metadata)
             try:
                 for response in call:
-                    failures = 0
-                    if response.HasField("session_ended"):
-                        reason = EndReason(response.session_ended.reason)
-                        if reason in RESUMABLE_ENDS and reconnect:
-                            break  # the session goes on (evicted stream, restarting daemon): reopen from the cursor
-                        self.end_reason = reason
-                        self.end_message = response.session_ended.message
-                        return
-                    delta = assembler.add(response.delta)
-                    if delta is None or already_seen(delta, cursor):
-                        continue
-                    cursor = (delta.epoch, delta.seq)
-                    yield delta
-                else:
-                    return
-                assembler.reset()
+                    fragments = state.receive(response)
+                    if fragments is not None:
+                        yield join_fragments(fragments)
+                    elif state.stream_over:
+                        break
+                state.closed()
             except grpc.RpcError as error:
-                failures += 1
-                if not should_retry(error, reconnect, failures, self.client.retry):
+                delay_s = state.retry_after_s(error)
+                if delay_s is None:
                     raise self.client._error(error) from None
-                assembler.reset()
-                time.sleep(self.client.retry.backoff_s(failures))
+                time.sleep(delay_s)
             finally:
                 call.cancel()  # type: ignore[no-untyped-call]  # grpc-stubs leaves RpcContext.cancel untyped
-
-
-# Ends of a stream, not of the session: a subscriber that reconnects resumes from its cursor.
-RESUMABLE_ENDS = (EndReason.EVICTED, EndReason.DAEMON_SHUTDOWN)
-
-
-def already_seen(delta: Delta, cursor: tuple[int, int] | None) -> bool:
-    """Whether a delta was already delivered before the stream was resumed at cursor."""
-    return cursor is not None and delta.epoch == cursor[0] and delta.seq <= cursor[1]
-
-
-# The client never cancels a stream it still reads, so CANCELLED comes from the other side: a
-# stopping daemon cancels the streams that reached it after its last SessionEnded.
-RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
-
-
-def should_retry(error: grpc.RpcError, reconnect: bool, failures: int, retry: RetryPolicy) -> bool:
-    """Whether a broken stream is reopened: UNAVAILABLE or CANCELLED, reconnect on, attempts left."""
-    code: Callable[[], grpc.StatusCode] | None = getattr(error, "code", None)
-    return reconnect and code is not None and code() in RETRYABLE_CODES and failures <= retry.max_attempts
+        if state.end is not None:
+            self.end_reason, self.end_message = state.end.reason, state.end.message
 
 
 class View:
@@ -397,13 +347,8 @@ class View:
         At most ``max_count`` addresses (default: as many as the range has pages); with
         ``reset`` the returned pages are cleared in this view only.
         """
-        request = pb.GetWriteWatchRequest(
-            session_id=self.session.id,
-            view_id=self.name,
-            base_address=base_address,
-            size_bytes=size_bytes,
-            flags=pb.WRITE_WATCH_FLAG_RESET if reset else 0,
-            max_count=pages_in(size_bytes) if max_count is None else max_count,
+        request = get_write_watch_request(
+            self.session.id, self.name, base_address, size_bytes, max_count=max_count, reset=reset
         )
         client = self.session.client
         return write_watch_result(client._call(client._stub.GetWriteWatch, request))

@@ -1,5 +1,9 @@
 """How to reach the daemon: address, TLS files, token and profile, resolved in one place.
 
+Longer than our ~450-line mark because it holds both halves of one concern: resolving a
+:class:`Connection` and, in :func:`explain`, telling a remote user why that very connection
+failed (which needs every source the resolution recorded).
+
 Used by :class:`writewatch.Client`, :class:`writewatch.AsyncClient` and the CLI alike. Each
 option comes from the first of:
 

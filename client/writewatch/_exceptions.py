@@ -8,12 +8,15 @@ WriteWatchError
       ├── Cancelled
       ├── Unknown
       ├── InvalidArgument
+      │    └── UsageError (ValueError)
       ├── DeadlineExceeded
       ├── NotFound
       ├── AlreadyExists
       ├── PermissionDenied
       ├── ResourceExhausted
       ├── FailedPrecondition
+      │    ├── SessionEnded
+      │    └── InjectionRefused
       ├── Aborted
       ├── OutOfRange
       ├── Unimplemented
@@ -21,9 +24,17 @@ WriteWatchError
       ├── Unavailable
       ├── DataLoss
       └── Unauthenticated
+
+A call's error class comes from its status code, refined by the reason the daemon names in
+the trailing metadata ``writewatch-error-reason`` (``SESSION_ENDED``...), never from the
+message text; :attr:`RpcError.reason` keeps that reason for the errors without a class of
+their own.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 
@@ -32,8 +43,11 @@ __all__ = [
     "AlreadyExists",
     "Cancelled",
     "DataLoss",
+    "ERRORS_BY_REASON",
+    "ERROR_REASON_KEY",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "InjectionRefused",
     "Internal",
     "InvalidArgument",
     "NotFound",
@@ -44,10 +58,12 @@ __all__ = [
     "RecordingVersionError",
     "ResourceExhausted",
     "RpcError",
+    "SessionEnded",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",
     "Unknown",
+    "UsageError",
     "WriteWatchError",
     "from_grpc_error",
     "rpc_error",
@@ -75,12 +91,14 @@ class RecordingVersionError(RecordingError):
 
 
 class RpcError(WriteWatchError):
-    """A call failed with a gRPC status; ``code`` and ``message`` say which and why."""
+    """A call failed with a gRPC status; ``code`` and ``message`` say which and why, ``reason``
+    names the daemon's error (``SESSION_ENDED``...; empty when it named none)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "") -> None:
         super().__init__(f"{code.name}: {message}" if message else code.name)
         self.code = code
         self.message = message
+        self.reason = reason
 
 
 class Cancelled(RpcError):
@@ -93,6 +111,10 @@ class Unknown(RpcError):
 
 class InvalidArgument(RpcError):
     """The request is malformed (unaligned or overlapping ranges, bad values)."""
+
+
+class UsageError(InvalidArgument, ValueError):
+    """Arguments that can never work (reason ``USAGE_ERROR``); also a ValueError."""
 
 
 class DeadlineExceeded(RpcError):
@@ -117,6 +139,14 @@ class ResourceExhausted(RpcError):
 
 class FailedPrecondition(RpcError):
     """The system is not in a state that allows the call (session ended, kernel lacks a feature)."""
+
+
+class SessionEnded(FailedPrecondition):
+    """The session has ended: it can be read, not changed (reason ``SESSION_ENDED``)."""
+
+
+class InjectionRefused(FailedPrecondition):
+    """Injection was refused before the target was touched (reason ``INJECTION_REFUSED``)."""
 
 
 class Aborted(RpcError):
@@ -167,9 +197,23 @@ _BY_CODE: dict[grpc.StatusCode, type[RpcError]] = {
 }
 
 
-def rpc_error(code: grpc.StatusCode, message: str) -> RpcError:
-    """The RpcError subclass instance for a status code."""
-    return _BY_CODE.get(code, RpcError)(code, message)
+ERROR_REASON_KEY = "writewatch-error-reason"
+"""Trailing metadata key of the reason behind a failed call's status."""
+
+ERRORS_BY_REASON: dict[str, type[RpcError]] = {
+    "SESSION_ENDED": SessionEnded,
+    "INJECTION_REFUSED": InjectionRefused,
+    "USAGE_ERROR": UsageError,
+}
+"""The reasons with a class of their own."""
+
+
+def rpc_error(code: grpc.StatusCode, message: str, reason: str = "") -> RpcError:
+    """The RpcError subclass instance for a status code and the daemon's reason."""
+    by_code = _BY_CODE.get(code, RpcError)
+    by_reason = ERRORS_BY_REASON.get(reason)
+    cls = by_reason if by_reason is not None and issubclass(by_reason, by_code) else by_code
+    return cls(code, message, reason)
 
 
 def from_grpc_error(error: grpc.RpcError) -> RpcError:
@@ -177,4 +221,7 @@ def from_grpc_error(error: grpc.RpcError) -> RpcError:
     # Every RpcError raised by a call is also a grpc.Call / aio.AioRpcError carrying these.
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return rpc_error(code, details or "")
+    # (key, value) pairs: namedtuples from a blocking call, tuples from an asyncio one.
+    trailing: Iterable[Any] = (error.trailing_metadata() if hasattr(error, "trailing_metadata") else None) or ()
+    reason = next((str(pair[1]) for pair in trailing if pair[0] == ERROR_REASON_KEY), "")
+    return rpc_error(code, details or "", reason)

@@ -1,30 +1,38 @@
-"""The ``writewatch`` command line: sessions, attach, spawn, watch, harvest, flush, scan, views, write-watch, close."""
+"""The ``writewatch`` command line: sessions, attach, spawn, watch, harvest, flush, scan, views, write-watch, close.
+
+Longer than 450 lines on purpose: it is the one typer app, and each command is mostly the
+declaration of its options around a few calls; text parsing and formatting are in
+``_clitext``, the work in the client, ``_watch``, ``_recorder`` and ``export``.
+"""
 
 from __future__ import annotations
 
 import json
-import re
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from google.protobuf.message import Message
 from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from ._client import Client, Session, View
+from ._clitext import message_to_json, parse_mask, parse_number, parse_pairs, parse_range, short_name
 from ._connect import Connection, resolve
 from ._exceptions import WriteWatchError
 from ._proto.writewatch.v1 import writewatch_pb2 as pb
 from ._types import PageCategory
 from ._watch import format_bytes, watch_session, watch_session_async
 from ._wire import RangesArg
+from .analysis import recording_report
 from .fleet import Fleet, FleetError
+from .heatmap import render_heatmap
 from .recording import record_session
+from .regions import DEFAULT_PAGE_SIZE_BYTES
 
 __all__ = [
     "app",
@@ -48,95 +56,6 @@ app = typer.Typer(
 
 _console = Console()
 _errors_console = Console(stderr=True, highlight=False)
-_SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_NUMBER = re.compile(r"(?P<number>0[xob][0-9a-f_]+|[0-9_]+)(?P<suffix>[kmgt]?)(?:i?b)?", re.IGNORECASE)
-
-
-def parse_number(text: str | int) -> int:
-    """An address or size: decimal or 0x hex, with an optional K/M/G/T (binary) suffix."""
-    if isinstance(text, int):  # typer also passes defaults through the parser
-        return text
-    match = _NUMBER.fullmatch(text.strip())
-    if match is None:
-        raise typer.BadParameter(f"{text!r} is not a number (examples: 4096, 0x7f0000000000, 16M)")
-    return int(match["number"], 0) * _SIZE_SUFFIXES[match["suffix"].lower()]
-
-
-def parse_range(text: str) -> tuple[int, int]:
-    """``START-END`` (end exclusive) or ``START+SIZE``."""
-    for separator in ("-", "+"):
-        start, found, rest = text.partition(separator)
-        if found:
-            first, second = parse_number(start), parse_number(rest)
-            return (first, second) if separator == "-" else (first, first + second)
-    raise typer.BadParameter(f"{text!r} is not a range (START-END or START+SIZE)")
-
-
-def parse_mask(text: str | int) -> int:
-    """PAGE_IS_* bits: names joined by ``,`` or ``|`` (PRESENT,WRITTEN), or a number."""
-    if isinstance(text, int):
-        return text
-    mask = 0
-    for part in re.split(r"[,|]", text):
-        name = part.strip().upper().removeprefix("PAGE_IS_")
-        if not name:
-            continue
-        if name in PageCategory.__members__:
-            mask |= PageCategory[name]
-        else:
-            try:
-                mask |= parse_number(name)
-            except typer.BadParameter:
-                names = ", ".join(PageCategory.__members__)
-                raise typer.BadParameter(f"unknown category {part!r} (one of {names}, or a number)") from None
-    return mask
-
-
-def parse_pairs(items: Sequence[str] | None, what: str) -> dict[str, str]:
-    """``KEY=VALUE`` options as a dict."""
-    pairs: dict[str, str] = {}
-    for item in items or ():
-        key, found, value = item.partition("=")
-        if not found or not key:
-            raise typer.BadParameter(f"{what} {item!r} is not KEY=VALUE")
-        pairs[key] = value
-    return pairs
-
-
-def message_to_json(message: Message) -> dict[str, Any]:
-    """A protobuf message as JSON-ready data: field names as in the .proto, 64-bit integers as
-    numbers (json_format would make them strings) and enums as their names."""
-    data: dict[str, Any] = {}
-    for descriptor in message.DESCRIPTOR.fields:
-        value = getattr(message, descriptor.name)
-        if descriptor.message_type is not None and descriptor.message_type.GetOptions().map_entry:
-            data[descriptor.name] = dict(value)
-        elif descriptor.is_repeated:
-            data[descriptor.name] = [_field_to_json(descriptor, item) for item in value]
-        elif descriptor.containing_oneof is not None and not message.HasField(descriptor.name):
-            # Only fields with explicit presence (oneof, proto3 optional) can be "unset".
-            data[descriptor.name] = None
-        else:
-            data[descriptor.name] = _field_to_json(descriptor, value)
-    return data
-
-
-def _field_to_json(descriptor: Any, value: Any) -> Any:
-    if descriptor.enum_type is not None:
-        enum_value = descriptor.enum_type.values_by_number.get(value)
-        return enum_value.name if enum_value is not None else value
-    if isinstance(value, Message):
-        return message_to_json(value)
-    if isinstance(value, bytes):
-        return value.hex()
-    return value
-
-
-def _short(enum: Any, value: int) -> str:
-    """An enum value's name without its type prefix: ATTACH_MODE_INJECT -> INJECT."""
-    name: str = enum.Name(value)
-    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.DESCRIPTOR.name).upper() + "_"
-    return name.removeprefix(prefix)
 
 
 def _print_json(data: Any) -> None:
@@ -258,24 +177,30 @@ def _ranges(ranges: list[str] | None, auto: bool) -> RangesArg:
     return [parse_range(text) for text in ranges] if ranges else "auto"
 
 
-def _session_row(snapshot: pb.Session) -> list[str]:
+def _page_size_bytes(client: Client) -> int:
+    """The daemon's page size (from its capabilities), for what is shown in pages."""
+    return client.capabilities().page_size_bytes or DEFAULT_PAGE_SIZE_BYTES
+
+
+def _session_row(snapshot: pb.Session, page_size_bytes: int) -> list[str]:
     tracked = "auto" if snapshot.auto_ranges else f"{len(snapshot.ranges)} ranges"
     return [
         snapshot.session_id,
         str(snapshot.pid),
         snapshot.comm,
-        _short(pb.AttachMode, snapshot.attach_mode),
-        _short(pb.SessionState, snapshot.state)
-        + (f" ({_short(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
-        f"{tracked}, {format_bytes(snapshot.n_tracked_pages * 4096)}",
+        short_name(pb.AttachMode, snapshot.attach_mode),
+        short_name(pb.SessionState, snapshot.state)
+        + (f" ({short_name(pb.EndReason, snapshot.end_reason)})" if snapshot.end_reason else ""),
+        f"{tracked}, {format_bytes(snapshot.n_tracked_pages * page_size_bytes)}",
         str(snapshot.last_seq),
         str(snapshot.statistics.n_subscribers),
         " ".join(f"{k}={v}" for k, v in sorted(snapshot.labels.items())),
     ]
 
 
-def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool, hosts: Sequence[str] | None = None) -> None:
-    """The sessions table (or JSON); with ``hosts`` (one per snapshot) a host column first."""
+def _print_sessions(sessions: Sequence[Session], as_json: bool, hosts: Sequence[str] | None = None) -> None:
+    """The sessions table (or JSON); with ``hosts`` (one per session) a host column first."""
+    snapshots = [s.snapshot for s in sessions]
     if as_json:
         rows = [message_to_json(s) for s in snapshots]
         if hosts is not None:
@@ -289,8 +214,10 @@ def _print_sessions(snapshots: Sequence[pb.Session], as_json: bool, hosts: Seque
     table.add_column("session", no_wrap=True, min_width=max((len(s.session_id) for s in snapshots), default=7))
     for header in ("pid", "command", "mode", "state", "tracked", "seq", "subs", "labels"):
         table.add_column(header)
-    for index, snapshot in enumerate(snapshots):
-        table.add_row(*([hosts[index]] if hosts is not None else []), *_session_row(snapshot))
+    page_sizes = {id(s.client): _page_size_bytes(s.client) for s in sessions}  # one call per daemon
+    for index, session in enumerate(sessions):
+        row = _session_row(session.snapshot, page_sizes[id(session.client)])
+        table.add_row(*([hosts[index]] if hosts is not None else []), *row)
     _console.print(table)
 
 
@@ -299,7 +226,7 @@ def _print_created(session: Session, as_json: bool) -> None:
         _print_json(message_to_json(session.snapshot))
         return
     snapshot = session.snapshot
-    mode = _short(pb.AttachMode, snapshot.attach_mode)
+    mode = short_name(pb.AttachMode, snapshot.attach_mode)
     typer.echo(f"{session.id}\tpid {snapshot.pid} ({mode}), {len(snapshot.ranges)} ranges")
 
 
@@ -321,9 +248,9 @@ def _tree_order(snapshots: Sequence[pb.Session]) -> list[tuple[int, pb.Session]]
     return ordered
 
 
-def _print_tree(snapshots: Sequence[pb.Session], as_json: bool) -> None:
-    """Followed process trees: each child session under its parent's."""
-    ordered = _tree_order(snapshots)
+def _print_tree(sessions: Sequence[Session], as_json: bool) -> None:
+    """Followed process trees of one daemon: each child session under its parent's."""
+    ordered = _tree_order([s.snapshot for s in sessions])
     if as_json:
         _print_json([{"depth": depth, **message_to_json(s)} for depth, s in ordered])
         return
@@ -331,8 +258,9 @@ def _print_tree(snapshots: Sequence[pb.Session], as_json: bool) -> None:
     table.add_column("session", no_wrap=True)
     for header in ("pid", "command", "execs", "state", "tracked", "seq", "labels"):
         table.add_column(header)
+    page_size_bytes = _page_size_bytes(sessions[0].client) if sessions else DEFAULT_PAGE_SIZE_BYTES
     for depth, snapshot in ordered:
-        row = _session_row(snapshot)
+        row = _session_row(snapshot, page_size_bytes)
         # _session_row: session, pid, command, mode, state, tracked, seq, subs, labels
         table.add_row(
             "  " * depth + ("└ " if depth else "") + row[0],
@@ -373,11 +301,11 @@ def sessions(
     """List the daemon's active sessions (--all: also the ended ones it keeps; --fleet: of many daemons)."""
     if fleet_file is None:
         with _errors(), _client(ctx, address) as client:
-            snapshots = [s.snapshot for s in client.sessions(include_ended=show_all)]
+            found = client.sessions(include_ended=show_all)
         if tree:
-            _print_tree(snapshots, as_json)
+            _print_tree(found, as_json)
         else:
-            _print_sessions(snapshots, as_json)
+            _print_sessions(found, as_json)
         return
     # The global TLS and token options apply to every daemon of the fleet; the file gives the addresses.
     options = {key: value for key, value in (ctx.obj or {}).items() if key != "address"}
@@ -386,11 +314,11 @@ def sessions(
             listed = fleet.sessions(include_ended=show_all)
         except FleetError as error:
             listed = error.sessions
-            _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
+            _print_sessions([s for _, s in listed], as_json, [host for host, _ in listed])
             for host, host_error in error.errors.items():
                 _errors_console.print(f"writewatch: {host}: {host_error}", markup=False, soft_wrap=True)
             raise typer.Exit(1) from None
-        _print_sessions([s.snapshot for _, s in listed], as_json, [host for host, _ in listed])
+        _print_sessions([s for _, s in listed], as_json, [host for host, _ in listed])
 
 
 @app.command()
@@ -530,6 +458,165 @@ def record(
     )
 
 
+def _dirty_rate_table(rate: pb.DirtyRate, state: str) -> Table:
+    table = Table(
+        "", f"over {rate.window_ms / 1000:g} s", box=None, padding=(0, 2), title=f"{rate.session_id}  {state}"
+    )
+    table.add_row("pages/s", f"{rate.pages_per_second:,.1f}")
+    table.add_row("bytes/s", format_bytes(rate.bytes_per_second) + "/s")
+    table.add_row("regions/s", f"{rate.regions_per_second:,.1f}")
+    return table
+
+
+def _dirty_rate_json(rate: pb.DirtyRate, state: str) -> dict[str, Any]:
+    return message_to_json(rate) | {"mib_per_second": rate.bytes_per_second / (1 << 20), "state": state}
+
+
+@app.command()
+def rate(
+    ctx: typer.Context,
+    *,
+    session_id: SessionArgument,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh until Ctrl-C or the session ends.")] = False,
+    interval: Annotated[float, typer.Option("--interval", "-i", min=0.05, help="Seconds between refreshes.")] = 1.0,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The session's exact dirty rate (GetDirtyRate): pages/s, bytes/s, regions/s over the daemon's window.
+
+    With --json and --watch, one JSON object per line.
+    """
+    with _errors(), _client(ctx, address) as client:
+        session = client.session(session_id)
+        if not watch:
+            snapshot = session.info()
+            sample = session.dirty_rate()
+            state = short_name(pb.SessionState, snapshot.state)
+            if as_json:
+                _print_json(_dirty_rate_json(sample, state))
+            else:
+                _console.print(_dirty_rate_table(sample, state))
+            return
+        display = None if as_json else Live(console=_console, auto_refresh=False)
+        with display or nullcontext(), suppress(KeyboardInterrupt):
+            while True:
+                sample = session.dirty_rate()
+                snapshot = session.info()
+                state = short_name(pb.SessionState, snapshot.state)
+                if display is None:
+                    typer.echo(json.dumps(_dirty_rate_json(sample, state)))
+                else:
+                    display.update(_dirty_rate_table(sample, state), refresh=True)
+                if snapshot.state == pb.SESSION_STATE_ENDED:
+                    return
+                time.sleep(interval)
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="Recording file.", show_default=False)],
+    interval: Annotated[
+        float, typer.Option("--interval", "-i", min=0.001, help="Seconds per dirty-rate sample.")
+    ] = 1.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Summarise a recording: duration, deltas, pages, dirty rate over time, working set, busiest ranges, epochs."""
+    with _errors():
+        summary = recording_report(path, interval_s=interval)
+    if as_json:
+        _print_json(summary)
+        return
+    _print_report(summary)
+
+
+def _print_report(summary: dict[str, Any]) -> None:
+    page = summary["page_size_bytes"]
+    if summary["complete"]:
+        state = f"complete (stopped: {summary['stop']}" + (
+            f", session {summary['end_reason']})" if summary["end_reason"] else ")"
+        )
+    elif summary["truncated"]:
+        state = "TRUNCATED: the file ends inside a record; the whole records before it were read"
+    else:
+        state = "not closed by the recorder (killed?); every record is whole"
+    overview = Table(box=None, show_header=False, padding=(0, 2), title=f"recording {summary['path']}")
+    overview.add_row("session", f"{summary['session_id']}  pid {summary['pid']}  {summary['comm']}")
+    overview.add_row("file", state)
+    overview.add_row("duration", f"{summary['duration_s']:.3f} s")
+    overview.add_row("deltas", f"{summary['n_deltas']:,} ({summary['n_resyncs']:,} RESYNC)")
+    overview.add_row("pages received", f"{summary['n_pages']:,} ({format_bytes(summary['size_bytes'])}), "
+                     f"{summary['n_resync_pages']:,} of them in RESYNCs")  # fmt: skip
+    overview.add_row("pages written", f"{summary['n_written_pages']:,} ({format_bytes(summary['written_bytes'])})")
+    overview.add_row(
+        "working set",
+        f"{summary['working_set_pages']:,} distinct pages ({format_bytes(summary['working_set_bytes'])}) "
+        f"of {summary['tracked_pages']:,} tracked",
+    )
+    rate_stats = summary["rate"]["pages_per_second"]
+    overview.add_row(
+        f"dirty rate per {summary['rate']['interval_s']:g} s",
+        "  ".join(f"{name} {rate_stats[name]:,.0f} pages/s ({format_bytes(rate_stats[name] * page)}/s)"
+                  for name in ("min", "median", "max")),
+    )  # fmt: skip
+    _console.print(overview)
+    if summary["n_deltas"] == 0:
+        _console.print("the recording holds no delta: nothing was written while it ran")
+    if summary["busiest"]:
+        busiest = Table("busiest range", "pages written", "share", box=None, padding=(0, 2))
+        for row in summary["busiest"]:
+            busiest.add_row(
+                f"0x{row['start_address']:x}-0x{row['end_address']:x}",
+                f"{row['n_written_pages']:,}",
+                f"{row['share']:.1%}",
+            )
+        _console.print(busiest)
+    if summary["epochs"]:
+        epochs = Table("epoch", "seqs", "deltas", "RESYNCs", "pages", box=None, padding=(0, 2))
+        for epoch in summary["epochs"]:
+            epochs.add_row(
+                str(epoch["epoch"]),
+                f"{epoch['first_seq']}..{epoch['last_seq']}",
+                f"{epoch['n_deltas']:,}",
+                str(epoch["n_resyncs"]),
+                f"{epoch['n_pages']:,}",
+            )
+        _console.print(epochs)
+
+
+@app.command()
+def heatmap(
+    *,
+    path: Annotated[Path, typer.Argument(help="Recording file.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="PNG file to write.", show_default=False)],
+    address_range: Annotated[
+        str | None, typer.Option("--range", "-r", help="Only START-END (or START+SIZE) addresses.", show_default=False)
+    ] = None,
+    from_s: Annotated[
+        float | None, typer.Option("--from", min=0, help="Start at this second.", show_default=False)
+    ] = None,
+    to_s: Annotated[float | None, typer.Option("--to", min=0, help="End at this second.", show_default=False)] = None,
+) -> None:
+    """Draw a recording: address x time, colour = pages written per cell (log), tracked ranges laid end to end.
+
+    Needs matplotlib (pip install 'writewatch[plot]').
+    """
+    with _errors():
+        try:
+            info = render_heatmap(
+                path,
+                output,
+                address_range=parse_range(address_range) if address_range else None,
+                from_s=from_s,
+                to_s=to_s,
+            )
+        except ImportError as error:
+            raise ValueError(str(error)) from None
+    rows, cols = info.grid.cells.shape
+    _errors_console.print(
+        f"wrote {output}: {cols} x {rows} cells, {int(info.grid.cells.sum()):,} pages written", soft_wrap=True
+    )
+
+
 @app.command()
 def harvest(
     ctx: typer.Context, session_id: SessionArgument, address: AddressOption = None, as_json: JsonOption = False
@@ -594,6 +681,7 @@ def scan(
     Categories: WPALLOWED WRITTEN FILE PRESENT SWAPPED PFNZERO HUGE SOFT_DIRTY GUARD.
     """
     with _errors(), _client(ctx, address) as client:
+        page_size_bytes = _page_size_bytes(client)
         result = client.session(session_id).scan(
             start,
             end,
@@ -612,7 +700,7 @@ def scan(
         return
     table = Table("start", "end", "pages", "categories")
     for row in rows:
-        n_pages = (row["end_address"] - row["start_address"]) // 4096
+        n_pages = (row["end_address"] - row["start_address"]) // page_size_bytes
         table.add_row(f"0x{row['start_address']:x}", f"0x{row['end_address']:x}", str(n_pages), " ".join(row["names"]))
     _console.print(table)
     if not result.complete:
@@ -717,8 +805,8 @@ def capabilities(ctx: typer.Context, address: AddressOption = None, as_json: Jso
         return
     data["supported_category_mask"] = " ".join(_category_names(caps.supported_category_mask))
     data["uffd_features"] = f"0x{caps.uffd_features:x}"
-    data["unpopulated_pte_fix"] = _short(pb.FixStatus, caps.unpopulated_pte_fix)
-    data["pmd_hole_fix"] = _short(pb.FixStatus, caps.pmd_hole_fix)
+    data["unpopulated_pte_fix"] = short_name(pb.FixStatus, caps.unpopulated_pte_fix)
+    data["pmd_hole_fix"] = short_name(pb.FixStatus, caps.pmd_hole_fix)
     table = Table("capability", "value", box=None)
     for key, value in data.items():
         table.add_row(key, str(value))
@@ -821,8 +909,8 @@ def ping(
         "daemon_version": whoami.daemon_version,
         "kernel_version": whoami.kernel_version,
         "identity": whoami.identity,
-        "role": _short(pb.Role, whoami.role),
-        "auth_method": _short(pb.AuthMethod, whoami.auth_method),
+        "role": short_name(pb.Role, whoami.role),
+        "auth_method": short_name(pb.AuthMethod, whoami.auth_method),
         "peer": whoami.peer,
     }
     if as_json:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -153,61 +154,81 @@ def serve(
 def demo(
     seconds: Annotated[float, typer.Option(min=1, help="how long to show the live view")] = 5.0,
 ) -> None:
-    """Start a daemon on a temporary socket, spawn a demo writer, watch it live, print a summary."""
-    import subprocess
+    """Start a daemon on a temporary socket, spawn a demo writer, watch it live with the ``writewatch`` CLI."""
     import sys
     import tempfile
     import time
 
-    import writewatch
-    from writewatch.cli import watch_session
-
     console = Console()
+    viewer = _writewatch_command()
     with tempfile.TemporaryDirectory(prefix="writewatch-demo-") as tmp:
-        address = f"unix:{tmp}/writewatchd.sock"
+        socket_path = f"{tmp}/writewatchd.sock"
+        address = f"unix:{socket_path}"
         serve = ["serve", "--listen", address, "--state-dir", f"{tmp}/state", "--log-level", "WARNING"]
         daemon = subprocess.Popen([sys.executable, "-c", "from writewatchd.cli import main; main()", *serve])
         try:
-            with writewatch.Client(address, timeout_s=10) as client:
-                _wait_until_serving(client, daemon, time.monotonic() + 15)
-                console.print(f"[bold]writewatchd[/] pid {daemon.pid} listening on {address}")
-                writer = [sys.executable, "-m", "writewatchd.demo_writer", "--seconds", str(seconds + 5)]
-                session = client.spawn(writer, ranges="auto", tick_interval_ms=50)
-                info = session.info()
-                console.print(
-                    f"spawned the demo writer, pid {info.pid}, tracking {info.n_tracked_pages:,} pages "
-                    f"in {len(info.ranges)} ranges (session {session.id})"
-                )
-                summary = watch_session(client, session.id, seconds, console=console)
-                session.close()
+            _wait_until_listening(socket_path, daemon, deadline_s=time.monotonic() + 15)
+            console.print(f"[bold]writewatchd[/] pid {daemon.pid} listening on {address}")
+            # The viewer runs as a user runs it: the writewatch command, talking to the daemon.
+            writewatch = [*viewer, "--address", address]
+            writer = [sys.executable, "-m", "writewatchd.demo_writer", "--seconds", str(seconds + 5)]
+            created = _run_json([*writewatch, "spawn", "--auto", "--tick-ms", "50", "--json", "--", *writer])
+            session_id = created["session_id"]
+            n_tracked_pages = created["n_tracked_pages"]
+            console.print(
+                f"spawned the demo writer, pid {created['pid']}, tracking {n_tracked_pages:,} pages "
+                f"in {len(created['ranges'])} ranges (session {session_id})"
+            )
+            if subprocess.run([*writewatch, "watch", session_id, "--seconds", str(seconds)], check=False).returncode:
+                raise typer.Exit(1)
+            listed = _run_json([*writewatch, "sessions", "--all", "--json"])
+            last_seq = next(s["last_seq"] for s in listed if s["session_id"] == session_id)
+            subprocess.run([*writewatch, "close", session_id], check=True, stdout=subprocess.DEVNULL)
         finally:
             daemon.terminate()
             daemon.wait(20)
-    table = Table(title="writewatch demo summary", show_header=False)
-    for key in ("elapsed_s", "n_deltas", "n_resyncs", "n_regions", "n_pages", "pages_per_second", "bytes_per_second"):
-        value = summary[key]
-        table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
-    console.print(table)
-    if not summary["n_pages"]:
+    # Seq 1 is the session's first delta (a RESYNC); any later one reported writes.
+    if last_seq < 2:
         console.print("[red]no write was reported[/]")
         raise typer.Exit(1)
 
 
-def _wait_until_serving(client: object, daemon: object, deadline_s: float) -> None:
-    import subprocess
+def _writewatch_command() -> list[str]:
+    """The ``writewatch`` command of this installation (beside this Python), else the one on PATH."""
+    import shutil
+    import sys
+
+    beside = Path(sys.executable).parent / "writewatch"
+    found = str(beside) if beside.is_file() else shutil.which("writewatch")
+    if found is None:
+        typer.echo("writewatchd: the demo needs the writewatch command (pip install writewatch)", err=True)
+        raise typer.Exit(1)
+    return [found]
+
+
+def _run_json(command: list[str]) -> Any:
+    done = subprocess.run(command, check=False, stdout=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise typer.Exit(1)
+    return json.loads(done.stdout)
+
+
+def _wait_until_listening(socket_path: str, daemon: subprocess.Popen[bytes], *, deadline_s: float) -> None:
+    """Until the daemon accepts connections on its socket; exit status 1 if it dies or the deadline passes."""
+    import socket
     import time
 
-    import writewatch
-
-    assert isinstance(client, writewatch.Client) and isinstance(daemon, subprocess.Popen)
     while True:
-        try:
-            client.sessions()
-            return
-        except writewatch.Unavailable:
-            if daemon.poll() is not None or time.monotonic() > deadline_s:
-                raise typer.Exit(1) from None
-            time.sleep(0.05)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe_socket:
+            try:
+                probe_socket.connect(socket_path)
+                return
+            except OSError:
+                pass
+        if daemon.poll() is not None or time.monotonic() > deadline_s:
+            typer.echo("writewatchd: the demo daemon did not start", err=True)
+            raise typer.Exit(1)
+        time.sleep(0.05)
 
 
 def main() -> None:

@@ -59,6 +59,7 @@ class FakeWriteWatch(pb_grpc.WriteWatchServicer):
     scan_response: pb.ScanResponse = field(default_factory=pb.ScanResponse)
     write_watch_addresses: list[int] = field(default_factory=list)
     views: dict[str, int] = field(default_factory=dict)
+    page_size_bytes: int = 4096
     requests: dict[str, list[object]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -187,5 +188,5 @@ class FakeWriteWatch(pb_grpc.WriteWatchServicer):
             unpopulated_pte_fix=pb.FIX_STATUS_FIXED,
             pmd_hole_fix=pb.FIX_STATUS_UNKNOWN,
             daemon_version="0.1.0",
-            page_size_bytes=4096,
+            page_size_bytes=self.page_size_bytes,
         )

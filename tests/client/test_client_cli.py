@@ -63,6 +63,21 @@ def test_sessions_table_and_env_address(address: str) -> None:
     assert SESSION_ID in result.stdout and "ACTIVE" in result.stdout
 
 
+def test_sizes_in_pages_use_the_daemons_page_size(address: str, fake: FakeWriteWatch) -> None:
+    fake.page_size_bytes = 16384
+    fake.sessions[SESSION_ID].n_tracked_pages = 64
+    fake.scan_response = pb.ScanResponse(
+        regions=encode_regions([[0x10000, 0x18000]], page_size_bytes=16384), categories=(2).to_bytes(8, "little")
+    )
+    listing = runner.invoke(cli.app, ["-a", address, "sessions"], terminal_width=200)
+    assert listing.exit_code == 0, listing.output
+    assert "1.0 MiB" in listing.stdout  # 64 pages of 16 KiB
+    scan = runner.invoke(cli.app, ["-a", address, "scan", SESSION_ID, "0x10000", "0x18000"], terminal_width=200)
+    assert scan.exit_code == 0, scan.output
+    (row,) = [line.replace("│", " ").split() for line in scan.stdout.splitlines() if "0x10000" in line]
+    assert row[:3] == ["0x10000", "0x18000", "2"]  # 32 KiB: 2 pages of 16 KiB
+
+
 def test_attach_parses_ranges_and_labels(address: str, fake: FakeWriteWatch) -> None:
     data = run_json(
         address, "attach", "1234", "--range", "0x1000-0x3000", "-r", "0x10000+64K", "--uffd-fd", "5", "-l", "k=v"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -142,6 +143,15 @@ def test_a_corrupt_record_is_an_error_not_a_short_read(tmp_path: Path) -> None:
     recording = writewatch.read_recording(path)
     with pytest.raises(writewatch.RecordingError, match="CRC"):
         list(recording)
+
+
+def test_a_framed_body_that_is_not_the_message_is_corrupt(tmp_path: Path) -> None:
+    body = b"\xff\xff\xff"  # an invalid protobuf tag
+    path = tmp_path / "r.wwrec"
+    frame = bytes([len(body)]) + body + struct.pack("<I", zlib.crc32(body))
+    path.write_bytes(MAGIC + struct.pack("<I", FORMAT_VERSION) + frame)
+    with pytest.raises(writewatch.RecordingError, match="its header is not a RecordingHeader"):
+        writewatch.read_recording(path)
 
 
 def test_a_missing_file_is_os_error(tmp_path: Path) -> None:

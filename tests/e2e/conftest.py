@@ -1,20 +1,12 @@
-"""A real writewatchd process per test, on a private Unix socket, with its own state store."""
+"""A daemon shared by a whole module (the per-test ``daemon`` and ``client`` are in tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-import writewatch
 from daemonproc import DaemonProcess
-
-
-@pytest.fixture
-def daemon_env() -> dict[str, str]:
-    """Extra WRITEWATCHD_* settings for the daemon of one test (override in a test module)."""
-    return {}
 
 
 @pytest.fixture(scope="module")
@@ -24,21 +16,3 @@ def shared_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPr
     d.start()
     yield d
     d.stop()
-
-
-@pytest.fixture
-def daemon(tmp_path: Path, daemon_env: dict[str, str]) -> Iterator[DaemonProcess]:
-    """A running daemon; stopped after the test."""
-    d = DaemonProcess(tmp_path, daemon_env)
-    d.start()
-    yield d
-    if d.proc is not None and d.proc.poll() is None:
-        d.proc.kill()
-        d.proc.wait()
-
-
-@pytest.fixture
-def client(daemon: DaemonProcess) -> Iterator[writewatch.Client]:
-    """A client connected to the test's daemon."""
-    with writewatch.Client(daemon.address, timeout_s=20) as c:
-        yield c

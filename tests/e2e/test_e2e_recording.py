@@ -5,8 +5,6 @@ from __future__ import annotations
 import itertools
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -17,10 +15,9 @@ import pytest
 
 import writewatch
 from daemonproc import DaemonProcess
+from recordings import attach, run_cli, start_recorder
 from targets import PAGE, CoopTarget
 from writewatch.recording import RecordingStop
-
-WRITEWATCH = str(Path(sys.executable).parent / "writewatch")
 
 
 @pytest.fixture
@@ -30,42 +27,8 @@ def target() -> Iterator[CoopTarget]:
     t.kill()
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    """The writewatch command, as a user runs it."""
-    return subprocess.run([WRITEWATCH, *args], capture_output=True, text=True, timeout=60, check=False)
-
-
 def _key(delta: writewatch.Delta) -> tuple[object, ...]:
     return (delta.epoch, delta.seq, delta.first_seq, delta.resync, delta.regions.tolist())
-
-
-def _attach(client: writewatch.Client, target: CoopTarget, tick_ms: int = 10) -> writewatch.Session:
-    session = client.attach(
-        target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=tick_ms
-    )
-    deadline = time.monotonic() + 10
-    while session.info().last_seq < 1:  # the first delta (the new range, all written) is out
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return session
-
-
-def _start_recorder(address: str, session_id: str, path: Path, *args: str) -> subprocess.Popen[str]:
-    recorder = subprocess.Popen(
-        [WRITEWATCH, "--address", address, "record", session_id, "-o", str(path), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 20
-    while True:  # the header is written before the recorder subscribes
-        try:
-            writewatch.read_recording(path)
-            return recorder
-        except (OSError, writewatch.RecordingError):
-            assert recorder.poll() is None, recorder.communicate()
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
 
 
 class Live:
@@ -89,10 +52,10 @@ class Live:
 def test_a_recording_equals_what_a_live_subscriber_received(
     client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
-    session = _attach(client, target)
+    session = attach(client, target)
     live = Live(session)
     path = tmp_path / "live.wwrec"
-    recorder = _start_recorder(daemon.address, session.id, path)
+    recorder = start_recorder(daemon.address, session.id, path)
     written: set[int] = set()
     deadline = time.monotonic() + 3
     seed = 0
@@ -123,9 +86,9 @@ def test_a_recording_equals_what_a_live_subscriber_received(
 def test_a_recording_cut_at_random_bytes_replays_its_whole_records(
     client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
-    session = _attach(client, target)
+    session = attach(client, target)
     path = tmp_path / "full.wwrec"
-    recorder = _start_recorder(daemon.address, session.id, path, "--duration", "1.5")
+    recorder = start_recorder(daemon.address, session.id, path, "--duration", "1.5")
     for seed in range(60):
         target.random_writes(seed, 20)
         time.sleep(0.01)
@@ -153,9 +116,9 @@ def test_a_recording_cut_at_random_bytes_replays_its_whole_records(
 def test_a_killed_recorder_leaves_a_readable_file(
     client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
-    session = _attach(client, target)
+    session = attach(client, target)
     path = tmp_path / "killed.wwrec"
-    recorder = _start_recorder(daemon.address, session.id, path)
+    recorder = start_recorder(daemon.address, session.id, path)
     for seed in range(30):
         target.random_writes(seed, 20)
         time.sleep(0.01)
@@ -171,9 +134,9 @@ def test_a_killed_recorder_leaves_a_readable_file(
 def test_ctrl_c_stops_with_a_complete_file(
     client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
-    session = _attach(client, target)
+    session = attach(client, target)
     path = tmp_path / "interrupted.wwrec"
-    recorder = _start_recorder(daemon.address, session.id, path)
+    recorder = start_recorder(daemon.address, session.id, path)
     target.write(1, 3)
     time.sleep(0.3)
     recorder.send_signal(signal.SIGINT)
@@ -189,9 +152,9 @@ def test_a_recording_rides_through_a_daemon_restart_into_a_new_epoch(
     daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
     with writewatch.Client(daemon.address) as client:
-        session = _attach(client, target)
+        session = attach(client, target)
     path = tmp_path / "restart.wwrec"
-    recorder = _start_recorder(daemon.address, session.id, path)
+    recorder = start_recorder(daemon.address, session.id, path)
     target.write(5)
     time.sleep(0.3)
     daemon.stop()
@@ -229,9 +192,25 @@ def test_an_unknown_session_fails_before_creating_the_file(daemon: DaemonProcess
 def test_an_unwritable_output_is_one_clear_line(
     client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
 ) -> None:
-    session = _attach(client, target)
+    session = attach(client, target)
     for output in (tmp_path / "missing-dir" / "r.wwrec", tmp_path):
         result = run_cli("--address", daemon.address, "record", session.id, "-o", str(output), "-d", "1")
         assert result.returncode == 1
         assert result.stderr.startswith("writewatch: [Errno") and str(output) in result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_an_ended_session_is_refused_by_name(
+    client: writewatch.Client, daemon: DaemonProcess, target: CoopTarget, tmp_path: Path
+) -> None:
+    session = attach(client, target)
+    target.exit()
+    deadline = time.monotonic() + 20
+    while session.info().state != writewatch.pb.SESSION_STATE_ENDED:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    path = tmp_path / "ended.wwrec"
+    result = run_cli("--address", daemon.address, "record", session.id, "-o", str(path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"writewatch: session {session.id} has ended (EXITED): nothing more to record"
+    assert not path.exists()

@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from targets import traced_by_another_process
 from writewatchd import AccessDenied, FeatureUnavailable, InjectionRefused, ProcessGone
 from writewatchd.kernel._libc import syscall
 from writewatchd.kernel.inject import InjectionResult, _window, attach, inject_userfaultfd
@@ -376,22 +377,10 @@ def test_seccomp_filter_that_denies_is_refused(launch: Callable[..., Target], mo
 
 def test_already_traced_is_refused(launch: Callable[..., Target]) -> None:
     target = launch()
-    code = (
-        "import sys, time\n"
-        "from writewatchd.kernel.ptrace import seize\n"
-        "seize(int(sys.argv[1]))\n"
-        "print('ok', flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    tracer = subprocess.Popen([sys.executable, "-c", code, str(target.pid)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert tracer.stdout is not None and tracer.stdout.readline().strip() == "ok"
-        with pytest.raises(InjectionRefused, match=f"already traced by process {tracer.pid}"):
+    with traced_by_another_process(target.pid) as tracer_pid:
+        with pytest.raises(InjectionRefused, match=f"already traced by process {tracer_pid}"):
             inject_userfaultfd(target.pid)
-        assert target.tracer() == tracer.pid
-    finally:
-        tracer.kill()
-        tracer.wait()
+        assert target.tracer() == tracer_pid
     assert_unharmed(target)
 
 

@@ -151,6 +151,7 @@ async def test_evicted_subscriber_ends_with_reason_evicted_and_others_continue()
     fast = hub.subscribe(TRACKED, resume=(1, 1))
     hub.evict(slow, "too slow")
     _publish(hub, 3)
+    assert (hub.n_evictions, hub.n_subscribers, hub.n_queued) == (1, 1, 1)  # the fast one holds seq 2
     end = await slow.next()
     assert isinstance(end, SessionEnd) and end.reason == EndReason.EVICTED
     (delta,) = await _drain(fast, 1)

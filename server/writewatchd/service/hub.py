@@ -7,6 +7,7 @@ reader loses latency, never pages. A bounded history serves resumption from
 
 Each delta is encoded once (by the injected ``encode``) and the same frames go to every
 subscriber that sees it unchanged; only merged or filtered deltas are encoded per subscriber.
+The hub and its subscribers share one explicit :class:`HubState`, not each other's attributes.
 Everything here runs on the event loop except :meth:`Hub.prepare`, which the harvester
 calls from its worker thread while it holds the session's harvest lock.
 """
@@ -17,16 +18,24 @@ import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from writewatch import EndReason
-
 from ..tracking.delta import Delta, merge_deltas
 from ..tracking.regions import RegionArray, RegionSet
+from .enums import EndReason
 
-__all__ = ["EndReason", "Hub", "HubStatistics", "Published", "SessionEnd", "Subscriber", "SubscriberStatistics"]
+__all__ = [
+    "EndReason",
+    "Hub",
+    "HubState",
+    "HubStatistics",
+    "Published",
+    "SessionEnd",
+    "Subscriber",
+    "SubscriberStatistics",
+]
 
 Encoder = Callable[[Delta], Sequence[bytes]]
 
@@ -82,12 +91,49 @@ class HubStatistics:
     n_published: int
 
 
+@dataclass(eq=False, slots=True)
+class HubState:
+    """What a hub and its subscribers share (as anyio's ``MemoryObjectStreamState``).
+
+    The hub numbers, keeps history and fans out; a subscriber reads the encoder and the
+    queue bound, and leaves :attr:`subscribers` when it closes.
+    """
+
+    encode: Encoder
+    epoch: int
+    max_queued: int
+    history_max_deltas: int
+    history_max_bytes: int
+    last_seq: int = 0
+    prepared_seq: int = 0
+    n_published: int = 0
+    history: deque[Published] = field(default_factory=deque)
+    history_bytes: int = 0
+    subscribers: set[Subscriber] = field(default_factory=set)
+    end: SessionEnd | None = None
+
+    def wrap(self, delta: Delta) -> Published:
+        """``delta`` with its frames, encoded on first use."""
+        return Published(delta, self.encode)
+
+    def statistics(self) -> HubStatistics:
+        """Current counters."""
+        return HubStatistics(
+            self.epoch,
+            self.last_seq,
+            len(self.subscribers),
+            len(self.history),
+            self.history_bytes,
+            self.n_published,
+        )
+
+
 class Subscriber:
     """One consumer's bounded queue. Iterate with :meth:`next` until it returns a :class:`SessionEnd`."""
 
-    def __init__(self, hub: Hub, max_queued: int, filter_ranges: RegionArray | None) -> None:
-        self._hub = hub
-        self._max_queued = max_queued
+    def __init__(self, state: HubState, filter_ranges: RegionArray | None) -> None:
+        self._state = state
+        self._max_queued = state.max_queued
         self._filter = RegionSet(filter_ranges) if filter_ranges is not None and len(filter_ranges) else None
         self._queue: deque[Published] = deque()
         self._end: SessionEnd | None = None
@@ -113,24 +159,28 @@ class Subscriber:
 
     def close(self) -> None:
         """Stop receiving (the stream went away)."""
-        self._hub._subscribers.discard(self)
+        self._state.subscribers.discard(self)
 
-    def _offer(self, item: Published) -> None:
+    def offer(self, item: Published) -> None:
+        """Queue a delta (clipped to the filter; merged with the queue when it is full). The hub's side."""
         if self._filter is not None:
             clipped = self._filter.intersection(item.delta.regions)
             if len(clipped) == 0 and not item.delta.resync:
                 return
             if not np.array_equal(clipped, item.delta.regions):
-                item = self._hub._wrap(_replace_regions(item.delta, clipped))
+                item = self._state.wrap(_replace_regions(item.delta, clipped))
         self._queue.append(item)
         if len(self._queue) > self._max_queued:
             merged = merge_deltas([queued.delta for queued in self._queue])
             self._queue.clear()
-            self._queue.append(self._hub._wrap(merged))
+            self._queue.append(self._state.wrap(merged))
             self._n_merges += 1
         self._wakeup.set()
 
-    def _finish(self, end: SessionEnd) -> None:
+    def finish(self, end: SessionEnd, *, drop_queued: bool = False) -> None:
+        """End the stream after the queued deltas (or at once, ``drop_queued``). The hub's side."""
+        if drop_queued:
+            self._queue.clear()
         self._end = end
         self._wakeup.set()
 
@@ -151,34 +201,38 @@ class Hub:
         history_max_deltas: int = 1024,
         history_max_bytes: int = 64 << 20,
     ) -> None:
-        self.epoch = epoch
-        self.last_seq = 0
-        self._encode = encode
-        self._max_queued = max_queued
-        self._history: deque[Published] = deque()
-        self._history_bytes = 0
-        self._history_max_deltas = history_max_deltas
-        self._history_max_bytes = history_max_bytes
-        self._subscribers: set[Subscriber] = set()
-        self._prepared_seq = 0
-        self._n_published = 0
-        self.end: SessionEnd | None = None
+        self._state = HubState(encode, epoch, max_queued, history_max_deltas, history_max_bytes)
+        self.n_evictions = 0
+        """Subscribers evicted so far."""
 
     def statistics(self) -> HubStatistics:
         """Current counters."""
-        return HubStatistics(
-            self.epoch,
-            self.last_seq,
-            len(self._subscribers),
-            len(self._history),
-            self._history_bytes,
-            self._n_published,
-        )
+        return self._state.statistics()
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the deltas published now (a followed exec starts a new one)."""
+        return self._state.epoch
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last published delta (0: none yet)."""
+        return self._state.last_seq
+
+    @property
+    def end(self) -> SessionEnd | None:
+        """How the session ended, once it has."""
+        return self._state.end
 
     @property
     def n_subscribers(self) -> int:
         """Subscribers connected now."""
-        return len(self._subscribers)
+        return len(self._state.subscribers)
+
+    @property
+    def n_queued(self) -> int:
+        """Deltas queued for the connected subscribers, all together."""
+        return sum(subscriber.statistics().n_queued for subscriber in self._state.subscribers)
 
     def prepare(self, regions: RegionArray, *, resync: bool = False, encode_now: bool = True) -> Published | None:
         """Number a harvest result and encode it (off the event loop); ``None`` when empty.
@@ -188,25 +242,27 @@ class Hub:
         """
         if len(regions) == 0 and not resync:
             return None
-        self._prepared_seq = max(self._prepared_seq, self.last_seq) + 1
-        delta = Delta(self.epoch, self._prepared_seq, self._prepared_seq, resync, time.time_ns(), regions)
-        published = self._wrap(delta)
+        state = self._state
+        state.prepared_seq = max(state.prepared_seq, state.last_seq) + 1
+        delta = Delta(state.epoch, state.prepared_seq, state.prepared_seq, resync, time.time_ns(), regions)
+        published = state.wrap(delta)
         if encode_now:
             _ = published.frames
         return published
 
     def publish(self, published: Published) -> Delta:
         """Hand a prepared delta to every subscriber and to history."""
-        self.last_seq = published.delta.seq
-        self._n_published += 1
-        self._history.append(published)
-        self._history_bytes += published.size_bytes
-        while len(self._history) > self._history_max_deltas or (
-            self._history_bytes > self._history_max_bytes and len(self._history) > 1
+        state = self._state
+        state.last_seq = published.delta.seq
+        state.n_published += 1
+        state.history.append(published)
+        state.history_bytes += published.size_bytes
+        while len(state.history) > state.history_max_deltas or (
+            state.history_bytes > state.history_max_bytes and len(state.history) > 1
         ):
-            self._history_bytes -= self._history.popleft().size_bytes
-        for subscriber in list(self._subscribers):
-            subscriber._offer(published)
+            state.history_bytes -= state.history.popleft().size_bytes
+        for subscriber in list(state.subscribers):
+            subscriber.offer(published)
         return published.delta
 
     def subscribe(
@@ -221,22 +277,23 @@ class Hub:
         Replays history when it holds every delta after the resume point; otherwise the
         subscriber first gets a RESYNC of ``tracked``, numbered as the latest delta.
         """
-        subscriber = Subscriber(self, self._max_queued, filter_ranges)
-        resume_epoch, resume_seq = resume if resume is not None else (self.epoch, 0)
-        if resume_epoch == self.epoch and resume_seq <= self.last_seq:
-            oldest = self._history[0].delta.first_seq if self._history else self.last_seq + 1
+        state = self._state
+        subscriber = Subscriber(state, filter_ranges)
+        resume_epoch, resume_seq = resume if resume is not None else (state.epoch, 0)
+        if resume_epoch == state.epoch and resume_seq <= state.last_seq:
+            oldest = state.history[0].delta.first_seq if state.history else state.last_seq + 1
             if resume_seq + 1 >= oldest:
-                for item in self._history:
+                for item in state.history:
                     if item.delta.seq > resume_seq:
-                        subscriber._offer(item)
+                        subscriber.offer(item)
             else:
-                subscriber._offer(self._resync(tracked, first_seq=resume_seq + 1))
+                subscriber.offer(self._resync(tracked, first_seq=resume_seq + 1))
         else:
-            subscriber._offer(self._resync(tracked, first_seq=1))
-        if self.end is not None:
-            subscriber._finish(self.end)
+            subscriber.offer(self._resync(tracked, first_seq=1))
+        if state.end is not None:
+            subscriber.finish(state.end)
         else:
-            self._subscribers.add(subscriber)
+            state.subscribers.add(subscriber)
         return subscriber
 
     def new_epoch(self, epoch: int) -> None:
@@ -245,30 +302,29 @@ class Hub:
         The history of the old epoch is dropped: a subscriber resuming in it gets a RESYNC.
         Streams stay open; the next prepared delta must be the new epoch's RESYNC.
         """
-        self.epoch = epoch
-        self.last_seq = 0
-        self._prepared_seq = 0
-        self._history.clear()
-        self._history_bytes = 0
+        state = self._state
+        state.epoch = epoch
+        state.last_seq = 0
+        state.prepared_seq = 0
+        state.history.clear()
+        state.history_bytes = 0
 
     def finish(self, reason: EndReason, message: str) -> None:
         """End every stream (after its queued deltas) and refuse nothing: late subscribers get the end too."""
-        if self.end is not None:
+        state = self._state
+        if state.end is not None:
             return
-        self.end = SessionEnd(reason, message)
-        for subscriber in list(self._subscribers):
-            subscriber._finish(self.end)
-        self._subscribers.clear()
+        state.end = SessionEnd(reason, message)
+        for subscriber in list(state.subscribers):
+            subscriber.finish(state.end)
+        state.subscribers.clear()
 
     def evict(self, subscriber: Subscriber, message: str) -> None:
         """Drop one subscriber and its queue; its next item is the end, reason EVICTED."""
-        self._subscribers.discard(subscriber)
-        subscriber._queue.clear()
-        subscriber._finish(SessionEnd(EndReason.EVICTED, message))
+        self._state.subscribers.discard(subscriber)
+        subscriber.finish(SessionEnd(EndReason.EVICTED, message), drop_queued=True)
+        self.n_evictions += 1
 
     def _resync(self, tracked: RegionArray, *, first_seq: int) -> Published:
-        seq = max(self.last_seq, first_seq)
-        return self._wrap(Delta(self.epoch, seq, min(first_seq, seq), True, time.time_ns(), tracked))
-
-    def _wrap(self, delta: Delta) -> Published:
-        return Published(delta, self._encode)
+        seq = max(self._state.last_seq, first_seq)
+        return self._state.wrap(Delta(self._state.epoch, seq, min(first_seq, seq), True, time.time_ns(), tracked))

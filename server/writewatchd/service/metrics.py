@@ -24,6 +24,31 @@ class _SessionCollector(Collector):
         yield GaugeMetricFamily(
             "writewatchd_subscribers", "Connected subscribers", value=sum(s.hub.n_subscribers for s in active)
         )
+        by_state = GaugeMetricFamily(
+            "writewatchd_sessions_by_state",
+            "Sessions by state (ended ones stay for the retention period)",
+            labels=["state"],
+        )
+        by_state.add_metric(["active"], len(active))
+        by_state.add_metric(["ended"], len(sessions) - len(active))
+        yield by_state
+        labels = ["session"]
+        subscribers = GaugeMetricFamily(
+            "writewatchd_session_subscribers", "Connected subscribers of a session", labels=labels
+        )
+        queued = GaugeMetricFamily(
+            "writewatchd_subscriber_queue_depth",
+            "Deltas queued for a session's subscribers, not yet read",
+            labels=labels,
+        )
+        evictions = CounterMetricFamily(
+            "writewatchd_evictions", "Subscribers evicted for not reading in time", labels=labels
+        )
+        for session in active:
+            subscribers.add_metric([session.session_id], session.hub.n_subscribers)
+            queued.add_metric([session.session_id], session.hub.n_queued)
+            evictions.add_metric([session.session_id], session.hub.n_evictions)
+        yield from (subscribers, queued, evictions)
         counters = {
             "writewatchd_harvests": ("Harvests since the daemon started", "n_harvests", 1.0),
             "writewatchd_harvest_seconds": ("Time spent harvesting", "total_harvest_ns", 1e-9),

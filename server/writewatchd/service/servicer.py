@@ -1,7 +1,7 @@
-"""The ``writewatch.v1.WriteWatch`` gRPC service: request validation and status codes.
+"""The ``writewatch.v1.WriteWatch`` gRPC service: request validation and the RPC handlers.
 
-Domain exceptions become gRPC statuses in one place, :func:`_status_for`; a handler never
-leaks a traceback to a client.
+Domain exceptions become gRPC statuses in one place, :mod:`.status`; a handler never leaks a
+traceback to a client.
 """
 
 from __future__ import annotations
@@ -9,14 +9,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import os
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
 from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
 from writewatch._proto.writewatch.v1 import writewatch_pb2_grpc as pb_grpc
@@ -24,119 +23,34 @@ from writewatch.regions import encode_regions
 
 from .. import __version__
 from .._exceptions import (
-    AccessDenied,
-    AlreadyTracked,
-    FeatureUnavailable,
-    InjectionRefused,
     InvalidRange,
-    KernelError,
-    LimitExceeded,
-    NotRegistered,
     PolicyDenied,
     ProcessGone,
-    RangeBusy,
-    SessionEnded,
     SessionNotFound,
     UsageError,
-    ViewNotFound,
     WriteWatchError,
 )
 from ..kernel import PAGE_SIZE, read_status
 from ..kernel.probe import probe
-from ..tracking.views import View
+from .attach import SessionSpec
 from .auth import Identity, current_identity
+from .enums import AttachMode
 from .hub import SessionEnd, Subscriber
-from .sessions import AttachMode, ManagedSession, SessionManager, SessionSpec
-from .wire import capabilities_message, categories_bytes, delta_message, ended_frame, ranges_from_message
+from .sessions import ManagedSession, SessionManager
+from .status import MalformedRequest, abort, details, request_parser, rpc
+from .wire import (
+    capabilities_message,
+    categories_bytes,
+    delta_message,
+    ended_frame,
+    ranges_from_message,
+    session_message,
+    view_message,
+)
 
-__all__ = ["MalformedRequest", "WriteWatchServicer", "generic_handler"]
+__all__ = ["WriteWatchServicer", "generic_handler"]
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
-_STATUS: list[tuple[type[BaseException], grpc.StatusCode]] = [
-    (SessionNotFound, grpc.StatusCode.NOT_FOUND),
-    (ViewNotFound, grpc.StatusCode.NOT_FOUND),
-    (ProcessGone, grpc.StatusCode.NOT_FOUND),
-    (UsageError, grpc.StatusCode.INVALID_ARGUMENT),
-    (AccessDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (PolicyDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (AlreadyTracked, grpc.StatusCode.ALREADY_EXISTS),
-    (SessionEnded, grpc.StatusCode.FAILED_PRECONDITION),
-    (InjectionRefused, grpc.StatusCode.FAILED_PRECONDITION),
-    (FeatureUnavailable, grpc.StatusCode.FAILED_PRECONDITION),
-    (RangeBusy, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotRegistered, grpc.StatusCode.FAILED_PRECONDITION),
-    (KernelError, grpc.StatusCode.FAILED_PRECONDITION),
-    (ImportError, grpc.StatusCode.UNIMPLEMENTED),
-]
-_MAX_TICK_INTERVAL_MS = 3_600_000
-
-
-# Status details travel in a trailer; clients refuse trailers over 8 KiB by default and would
-# see RESOURCE_EXHAUSTED instead of our status, so echoed request values are cut short.
-_MAX_DETAILS_CHARS = 1024
-
-
-def _details(problem: object) -> str:
-    text = str(problem)
-    return text if len(text) <= _MAX_DETAILS_CHARS else text[: _MAX_DETAILS_CHARS - 1] + "…"
-
-
-def _status_for(exc: BaseException) -> grpc.StatusCode:
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code
-    return grpc.StatusCode.INTERNAL
-
-
-def _rpc(
-    method: Callable[..., Awaitable[_T]],
-) -> Callable[..., Awaitable[_T]]:
-    """Map domain exceptions of a unary handler to a status with a precise message."""
-
-    @functools.wraps(method)
-    async def wrapper(self: WriteWatchServicer, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> _T:
-        if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
-        try:
-            return await method(self, request, context)
-        except (WriteWatchError, ImportError) as exc:
-            await context.abort(_status_for(exc), _details(exc))
-        except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(
-                grpc.StatusCode.INTERNAL, _details(f"{method.__name__} failed: {type(exc).__name__}: {exc}")
-            )
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-class MalformedRequest:
-    """Bytes that do not parse as the method's request message (answered INVALID_ARGUMENT).
-
-    Parsing happens in gRPC's deserializer, whose failures gRPC itself would answer UNKNOWN;
-    handing this marker to the handler keeps the status ours.
-    """
-
-    def __init__(self, type_name: str, error: DecodeError) -> None:
-        self.message = f"the request is not a valid {type_name}: {error}"
-
-    def __str__(self) -> str:
-        return self.message
-
-
-def _parser(request_class: Any) -> Callable[[bytes], Any]:
-    def parse(data: bytes) -> Any:
-        try:
-            return request_class.FromString(data)
-        except DecodeError as error:
-            return MalformedRequest(request_class.DESCRIPTOR.full_name, error)
-
-    return parse
-
 
 # Labels live as long as the session, in memory and in the state store: bounded like
 # Kubernetes labels, so one request cannot make the daemon hold megabytes.
@@ -210,17 +124,15 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             try:
                 status = read_status(spec.pid)
             except ProcessGone:
-                raise ProcessGone(3, f"process {spec.pid} does not exist") from None
+                raise ProcessGone(errno.ESRCH, f"process {spec.pid} does not exist") from None
             identity.check_target(spec.pid, status.effective_uid, status.name)
 
-    @_rpc
+    @rpc
     async def CreateSession(self, request: pb.CreateSessionRequest, context: Any) -> pb.Session:
         try:
             mode = AttachMode(request.attach_mode) if request.attach_mode else _infer_mode(request)
         except ValueError:
             raise UsageError(f"unknown attach_mode {request.attach_mode}") from None
-        if request.tick_interval_ms > _MAX_TICK_INTERVAL_MS:
-            raise UsageError(f"tick_interval_ms must be <= {_MAX_TICK_INTERVAL_MS}")
         _check_labels(dict(request.labels))
         if mode != AttachMode.SPAWN and request.argv:
             raise UsageError("argv is only for attach_mode SPAWN")
@@ -247,11 +159,11 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         session = await self._manager.create(spec)
         return session_message(session)
 
-    @_rpc
+    @rpc
     async def GetSession(self, request: pb.GetSessionRequest, context: Any) -> pb.Session:
         return session_message(self._session(request.session_id))
 
-    @_rpc
+    @rpc
     async def ListSessions(self, request: pb.ListSessionsRequest, context: Any) -> pb.ListSessionsResponse:
         identity = current_identity()
         sessions = [
@@ -274,19 +186,19 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             next_page_token=following[0].session_id if following else "",
         )
 
-    @_rpc
+    @rpc
     async def DeleteSession(self, request: pb.DeleteSessionRequest, context: Any) -> pb.DeleteSessionResponse:
         await self._manager.delete(self._session(request.session_id).session_id, recursive=request.recursive)
         return pb.DeleteSessionResponse()
 
-    @_rpc
+    @rpc
     async def AddRanges(self, request: pb.AddRangesRequest, context: Any) -> pb.Session:
         session = self._session(request.session_id)
         current_identity().check_limit("max_ranges_per_session", len(session.tracked), len(request.ranges))
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=True)
         return session_message(session)
 
-    @_rpc
+    @rpc
     async def RemoveRanges(self, request: pb.RemoveRangesRequest, context: Any) -> pb.Session:
         session = self._session(request.session_id)
         await session.change_ranges(ranges_from_message(request.ranges).tolist(), add=False)
@@ -300,7 +212,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the daemon is shutting down; retry")
             return
         if isinstance(request, MalformedRequest):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, _details(request))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(request))
             return
         try:
             session = self._session(request.session_id)
@@ -318,7 +230,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             identity.check_limit("max_subscribers", self._streams_by_owner[owner])
             subscriber = session.subscribe(resume, filter_ranges)
         except WriteWatchError as exc:
-            await context.abort(_status_for(exc), _details(exc))
+            await abort(context, exc)
             return
         evict_after_s = self._manager.settings.subscriber_evict_after_ms / 1000
         self._open_streams += 1
@@ -359,7 +271,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             session.hub.evict(subscriber, message)
         await write
 
-    @_rpc
+    @rpc
     async def Harvest(self, request: pb.HarvestRequest, context: Any) -> pb.HarvestResponse:
         session = self._session(request.session_id)
         harvested = await session.harvest_now()
@@ -368,27 +280,27 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             response.delta.CopyFrom(delta_message(session.session_id, harvested.delta))
         return response
 
-    @_rpc
+    @rpc
     async def Flush(self, request: pb.FlushRequest, context: Any) -> pb.FlushResponse:
         epoch, seq = await self._session(request.session_id).flush()
         return pb.FlushResponse(epoch=epoch, seq=seq)
 
-    @_rpc
+    @rpc
     async def CreateView(self, request: pb.CreateViewRequest, context: Any) -> pb.CreateViewResponse:
         view, created = await self._session(request.session_id).create_view(request.view_id)
-        return pb.CreateViewResponse(view=_view_message(view), created=created)
+        return pb.CreateViewResponse(view=view_message(view), created=created)
 
-    @_rpc
+    @rpc
     async def ListViews(self, request: pb.ListViewsRequest, context: Any) -> pb.ListViewsResponse:
         session = self._session(request.session_id)
-        return pb.ListViewsResponse(views=[_view_message(session.views[name]) for name in sorted(session.views)])
+        return pb.ListViewsResponse(views=[view_message(session.views[name]) for name in sorted(session.views)])
 
-    @_rpc
+    @rpc
     async def DeleteView(self, request: pb.DeleteViewRequest, context: Any) -> pb.DeleteViewResponse:
         await self._session(request.session_id).delete_view(request.view_id)
         return pb.DeleteViewResponse()
 
-    @_rpc
+    @rpc
     async def Scan(self, request: pb.ScanRequest, context: Any) -> pb.ScanResponse:
         session = self._session(request.session_id)
         if request.end_address <= request.start_address:
@@ -413,7 +325,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             resume_address=result.resume_at,
         )
 
-    @_rpc
+    @rpc
     async def GetWriteWatch(self, request: pb.GetWriteWatchRequest, context: Any) -> pb.GetWriteWatchResponse:
         session = self._session(request.session_id)
         result = await session.get_write_watch(
@@ -425,13 +337,13 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
         )
         return pb.GetWriteWatchResponse(addresses=result.addresses, granularity_bytes=result.granularity)
 
-    @_rpc
+    @rpc
     async def ResetWriteWatch(self, request: pb.ResetWriteWatchRequest, context: Any) -> pb.ResetWriteWatchResponse:
         session = self._session(request.session_id)
         await session.reset_write_watch(request.view_id, request.base_address, request.size_bytes)
         return pb.ResetWriteWatchResponse()
 
-    @_rpc
+    @rpc
     async def GetDirtyRate(self, request: pb.GetDirtyRateRequest, context: Any) -> pb.DirtyRate:
         session = self._session(request.session_id)
         rate = session.dirty_rate()
@@ -443,12 +355,12 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             window_ms=rate.window_ms,
         )
 
-    @_rpc
+    @rpc
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: Any) -> pb.Capabilities:
         caps = await asyncio.get_running_loop().run_in_executor(self._manager.executor, probe)
         return capabilities_message(caps, __version__)
 
-    @_rpc
+    @rpc
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.WhoAmIResponse:
         identity = current_identity()
         return pb.WhoAmIResponse(
@@ -479,51 +391,6 @@ def _infer_mode(request: pb.CreateSessionRequest) -> AttachMode:
     return AttachMode.INJECT
 
 
-def _view_message(view: View) -> pb.View:
-    written = view.written
-    n_pages = int((written[:, 1] - written[:, 0]).sum()) // PAGE_SIZE if len(written) else 0
-    return pb.View(view_id=view.name, n_pages=n_pages)
-
-
-def session_message(session: ManagedSession) -> pb.Session:
-    """A ``Session`` snapshot."""
-    record = session.record
-    stats = session.statistics
-    tracked: list[list[int]] = session.tracked.tolist()
-    return pb.Session(
-        session_id=record.session_id,
-        pid=record.pid,
-        process_start_time_ticks=record.start_time_ticks,
-        attach_mode=record.attach_mode,  # type: ignore[arg-type]
-        state=pb.SESSION_STATE_ACTIVE if session.active else pb.SESSION_STATE_ENDED,
-        end_reason=record.end_reason,  # type: ignore[arg-type]
-        end_message=record.end_message,
-        ranges=[pb.AddressRange(start_address=int(s), end_address=int(e)) for s, e in tracked],
-        auto_ranges=record.auto_ranges,
-        tick_interval_ms=record.tick_interval_ms,
-        labels=record.labels,
-        epoch=session.hub.epoch,
-        last_seq=session.hub.last_seq,
-        created_at_unix_ns=record.created_at_unix_ns,
-        statistics=pb.SessionStatistics(
-            n_harvests=stats.n_harvests,
-            last_harvest_ns=stats.last_harvest_ns,
-            total_harvest_ns=stats.total_harvest_ns,
-            n_regions=stats.n_regions,
-            n_pages=stats.n_pages,
-            n_subscribers=session.hub.n_subscribers,
-            n_views=len(session.views),
-        ),
-        n_tracked_pages=sum(e - s for s, e in tracked) // PAGE_SIZE,
-        comm=record.comm,
-        parent_session_id=record.parent_session_id,
-        n_execs_followed=record.n_execs_followed,
-        argv=record.cmdline,
-        follow_exec=record.follow_exec,
-        follow_children=record.follow_children,
-    )
-
-
 def _serialize(message: Any) -> bytes:
     # Deltas arrive already serialized (once for every stream); everything else is a message.
     return message if isinstance(message, bytes) else message.SerializeToString()
@@ -538,10 +405,10 @@ def generic_handler(servicer: WriteWatchServicer) -> grpc.GenericRpcHandler[Any,
         implementation = getattr(servicer, method.name)
         if method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
-                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
+                implementation, request_deserializer=request_parser(request_class), response_serializer=_serialize
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                implementation, request_deserializer=_parser(request_class), response_serializer=_serialize
+                implementation, request_deserializer=request_parser(request_class), response_serializer=_serialize
             )
     return grpc.method_handlers_generic_handler(service.full_name, handlers)

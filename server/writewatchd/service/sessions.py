@@ -1,81 +1,76 @@
-"""Sessions: one tracked process each, with its hub and views, harvested by a ticker.
+"""Sessions: one tracked process each, with its hub and views, and the manager of them all.
 
 Harvests (kernel scan plus delta encoding) run in the thread pool, so the event loop never
-blocks on the kernel. Sessions that share a tick interval share one :class:`Ticker`: one
-worker-thread call per tick harvests all of them, because the hand-off to a thread costs
-more than an idle harvest. A per-session asyncio lock serialises tick and on-demand
-harvests, which keeps delta numbers in publication order.
+blocks on the kernel. Sessions of one tick interval are harvested together by a
+:class:`~.ticker.Ticker`; how a tracker is obtained (attach, spawn, re-adoption) is in
+:mod:`.attach`. A per-session asyncio lock serialises tick and on-demand harvests, which
+keeps delta numbers in publication order.
+
+Longer than 450 lines on purpose: a :class:`ManagedSession` and the :class:`SessionManager`
+that creates, re-adopts, prunes and shuts sessions down are one unit (a session calls back
+into its manager to persist, join a ticker, run background work and prune), and what has a
+seam of its own (the ticker, the attach logic, the hub) already lives apart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
 import secrets
-import subprocess
 import time
 from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
-
-from writewatch import AttachMode
+from typing import TYPE_CHECKING, Any
 
 from .._exceptions import (
     AccessDenied,
     AlreadyTracked,
     InjectionRefused,
-    KernelError,
     LimitExceeded,
     ProcessGone,
-    RangeBusy,
     SessionEnded,
     SessionNotFound,
     UsageError,
     ViewNotFound,
     WriteWatchError,
 )
-from ..kernel import PAGE_SIZE, ProcessIdentity, ScanResult, Userfaultfd, mm_fingerprint, read_status
-from ..kernel.procevents import shares_memory
-from ..kernel.procfs import gained_privileges, read_cmdline
+from ..kernel import PAGE_SIZE, ScanResult, mm_fingerprint
 from ..tracking.delta import Delta
 from ..tracking.rate import DirtyRate, RateEstimator
-from ..tracking.regions import EMPTY, RegionArray, as_regions
+from ..tracking.regions import EMPTY, RegionArray, as_regions, n_pages
 from ..tracking.tracker import HarvestStatistics, Tracker
 from ..tracking.views import View
 from ..tracking.writewatch import WriteWatchResult
+from .attach import (
+    NotFollowable,
+    SessionSpec,
+    SharesMemory,
+    process_cmdline,
+    process_name,
+    process_uid,
+    readopt,
+    retrack_after_exec,
+    start_tracker,
+    track_child,
+)
+from .enums import AttachMode, EndReason, SessionState
 from .follow import Follower, PendingChild
-from .hub import EndReason, Hub, Published, Subscriber
+from .hub import Hub, Published, Subscriber
 from .settings import Settings
 from .store import SessionRecord, StateStore
+from .ticker import Ticker, tick_interval_ms
 
-__all__ = ["AttachMode", "Harvested", "ManagedSession", "Readoption", "SessionManager", "SessionSpec"]
+if TYPE_CHECKING:
+    from ..kernel.spawn import SpawnedProcess
+
+__all__ = ["Harvested", "ManagedSession", "Readoption", "SessionManager"]
 
 log = logging.getLogger(__name__)
 
 Encoder = Callable[[str, Delta], Sequence[bytes]]
-
-
-@dataclass(frozen=True, slots=True)
-class SessionSpec:
-    """A validated request for a new session."""
-
-    attach_mode: AttachMode
-    pid: int = 0
-    uffd_fd: int | None = None
-    argv: tuple[str, ...] = ()
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    ranges: tuple[tuple[int, int], ...] = ()
-    auto_ranges: bool = False
-    tick_interval_ms: int = 0
-    labels: dict[str, str] | None = None
-    owner: str = ""
-    follow_exec: bool = True
-    follow_children: bool = False
 
 
 _MAX_VIEW_NAME_BYTES = 256
@@ -104,7 +99,11 @@ class Harvested:
 
 
 class ManagedSession:
-    """A tracked process inside the daemon."""
+    """A tracked process inside the daemon.
+
+    The ticker drives its tick harvests through :attr:`harvest_lock`, :meth:`harvest_blocking`
+    and :meth:`complete_harvest`; the daemon's shutdown goes through :meth:`close_for_shutdown`.
+    """
 
     def __init__(
         self,
@@ -112,7 +111,7 @@ class ManagedSession:
         tracker: Tracker | None,
         manager: SessionManager,
         *,
-        spawned: Any = None,
+        spawned: SpawnedProcess | None = None,
     ) -> None:
         settings = manager.settings
         self.record = record
@@ -128,10 +127,11 @@ class ManagedSession:
         )
         self._manager = manager
         self._spawned = spawned
-        self._harvest_lock = asyncio.Lock()
+        self.harvest_lock = asyncio.Lock()
+        """Serialises harvests (tick and on-demand), so deltas are numbered in publication order."""
         self._exec_check_queued = False
         self._pidfd = -1
-        self.settled = record.state == "ENDED"
+        self.settled = record.state == SessionState.ENDED
         """Ended, and its last record written: retention may prune it."""
 
     @property
@@ -142,7 +142,7 @@ class ManagedSession:
     @property
     def active(self) -> bool:
         """Whether the session still tracks its process."""
-        return self.record.state == "ACTIVE"
+        return self.record.state == SessionState.ACTIVE
 
     @property
     def tracked(self) -> RegionArray:
@@ -154,9 +154,11 @@ class ManagedSession:
         """Harvest counters (zero for a session that ended before this daemon started)."""
         return self.tracker.statistics if self.tracker is not None else HarvestStatistics()
 
-    def _live_tracker(self) -> Tracker:
+    def _require_active(self) -> Tracker:
+        """The tracker of an active session; the one place that raises :class:`SessionEnded`."""
         if self.tracker is None or not self.active:
-            raise SessionEnded(f"session {self.session_id} has ended: {self.record.end_message}")
+            message = f": {self.record.end_message}" if self.record.end_message else ""
+            raise SessionEnded(f"session {self.session_id} has ended{message}")
         return self.tracker
 
     async def begin(self) -> None:
@@ -185,7 +187,7 @@ class ManagedSession:
             self._manager.run_in_background(self._finish_after_exit())
 
     async def _finish_after_exit(self) -> None:
-        async with self._harvest_lock:  # an on-demand harvest in flight settles first
+        async with self.harvest_lock:  # an on-demand harvest in flight settles first
             await self.finish(EndReason.EXITED, f"process {self.record.pid} exited")
 
     def _close_pidfd(self) -> None:
@@ -200,18 +202,18 @@ class ManagedSession:
         Raises :class:`SessionEnded` when the session has ended, also when this harvest finds
         the target gone (the session then ends).
         """
-        self._check_active()
-        async with self._harvest_lock:
+        self._require_active()
+        async with self.harvest_lock:
             return await self._harvest_locked()
 
     async def _harvest_locked(self) -> Harvested:
-        self._check_active()
+        self._require_active()
         loop = asyncio.get_running_loop()
         try:
-            published = await loop.run_in_executor(self._manager.executor, self._harvest_in_thread)
+            published = await loop.run_in_executor(self._manager.executor, self.harvest_blocking)
         except ProcessGone as exc:
             await self._finish_gone(exc)
-            self._check_active()
+            self._require_active()
             raise
         # Read under the lock: no other harvest can publish between this one and the position.
         return Harvested(self._publish(published), self.hub.epoch, self.hub.last_seq)
@@ -221,11 +223,6 @@ class ManagedSession:
         ``epoch`` with a seq <= ``seq`` (harvesting first, so also when nothing new was written)."""
         harvested = await self.harvest_now()
         return harvested.epoch, harvested.seq
-
-    def _check_active(self) -> None:
-        if not self.active:
-            message = f": {self.record.end_message}" if self.record.end_message else ""
-            raise SessionEnded(f"session {self.session_id} has ended{message}")
 
     def _publish(self, published: Published | None) -> Delta | None:
         if published is None:
@@ -253,7 +250,7 @@ class ManagedSession:
             self._manager.run_in_background(self._on_exec())
 
     async def _on_exec(self) -> None:
-        async with self._harvest_lock:
+        async with self.harvest_lock:
             self._exec_check_queued = False
             if not self.active:
                 return
@@ -283,11 +280,16 @@ class ManagedSession:
         loop = asyncio.get_running_loop()
         old = self.tracker
         try:
-            tracker = await loop.run_in_executor(self._manager.executor, self._manager.retrack_after_exec, self, old)
+            tracker = await loop.run_in_executor(
+                self._manager.executor,
+                functools.partial(
+                    retrack_after_exec, self.record, old, inject_deadline_s=self._manager.inject_deadline_s
+                ),
+            )
         except ProcessGone as exc:
             await self.finish(EndReason.EXITED, f"process {pid} exited ({exc})")
             return
-        except (_NotFollowable, InjectionRefused, AccessDenied) as exc:
+        except (NotFollowable, InjectionRefused, AccessDenied) as exc:
             await self.finish(EndReason.EXECED, f"process {pid} executed a new program that is not followed: {exc}")
             return
         except WriteWatchError as exc:
@@ -305,8 +307,8 @@ class ManagedSession:
             await loop.run_in_executor(self._manager.executor, old.close)
         record = self.record
         record.n_execs_followed += 1
-        record.comm = _comm(pid)
-        record.cmdline = _cmdline(pid)
+        record.comm = process_name(pid)
+        record.cmdline = process_cmdline(pid)
         record.uffd_fd = None  # the target's own fd did not survive the exec: re-adoption injects
         record.epoch = time.time_ns()
         self.hub.new_epoch(record.epoch)
@@ -319,13 +321,39 @@ class ManagedSession:
         if self.active:
             await self._manager.persist(record)
 
-    def _harvest_in_thread(self) -> Published | None:
-        tracker = self._live_tracker()
+    def harvest_blocking(self) -> Published | None:
+        """Harvest and number (in a worker thread, with :attr:`harvest_lock` held); ``None`` when idle.
+
+        Raises :class:`ProcessGone` once the target has exited, :class:`SessionEnded` once the session has.
+        """
+        tracker = self._require_active()
         regions = tracker.harvest()  # raises ProcessGone once the target has exited
         if len(regions) == 0 and self.hub.last_seq:
             return None  # the common idle case: nothing to count, number or encode
-        self.rate.add(int((regions[:, 1] - regions[:, 0]).sum()) // PAGE_SIZE, len(regions))
+        self.rate.add(n_pages(regions), len(regions))
         return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
+
+    async def complete_harvest(self, outcome: Published | BaseException | None) -> None:
+        """Publish what :meth:`harvest_blocking` returned, or settle what it raised (:attr:`harvest_lock` held)."""
+        if isinstance(outcome, ProcessGone):
+            await self._finish_gone(outcome)
+        elif isinstance(outcome, BaseException):
+            if not isinstance(outcome, SessionEnded):  # a harvester must never die silently
+                log.error("harvest of session %s failed: %r", self.session_id, outcome)
+                await self.finish(EndReason.ERROR, f"harvest failed: {outcome}")
+        else:
+            self._publish(outcome)
+        self._reap()
+
+    async def close_for_shutdown(self) -> None:
+        """End every stream with DAEMON_SHUTDOWN and release the kernel resources; the record stays ACTIVE."""
+        if not self.active:
+            return
+        self.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
+        self._close_pidfd()
+        async with self.harvest_lock:  # let an on-demand harvest finish first
+            if self.tracker is not None:
+                self.tracker.close()
 
     def _reap(self) -> None:
         if self._spawned is not None:
@@ -351,8 +379,8 @@ class ManagedSession:
         existing = self.views.get(name)
         if existing is not None:
             return existing, False
-        self._check_active()
-        async with self._harvest_lock:
+        self._require_active()
+        async with self.harvest_lock:
             existing = self.views.get(name)
             if existing is not None:
                 return existing, False
@@ -400,7 +428,7 @@ class ManagedSession:
 
     def scan(self, start: int, end: int, **masks: int) -> ScanResult:
         """A read-only PAGEMAP_SCAN of the target (blocking; run it in the executor)."""
-        return self._live_tracker().scan(start, end, **masks)
+        return self._require_active().scan(start, end, **masks)
 
     def dirty_rate(self) -> DirtyRate:
         """Written pages/bytes/regions per second over the last second."""
@@ -408,13 +436,12 @@ class ManagedSession:
 
     async def change_ranges(self, ranges: Sequence[tuple[int, int]], *, add: bool) -> None:
         """Track more explicit ranges, or stop tracking some."""
-        if not self.active:
-            raise SessionEnded(f"session {self.session_id} has ended")
+        self._require_active()
         if not ranges:
             raise UsageError("no ranges given")
-        async with self._harvest_lock:
+        async with self.harvest_lock:
             loop = asyncio.get_running_loop()
-            tracker = self._live_tracker()
+            tracker = self._require_active()
             change = tracker.add_ranges if add else tracker.remove_ranges
             await loop.run_in_executor(self._manager.executor, change, as_regions(ranges))
             self.record.ranges = [(int(s), int(e)) for s, e in tracker.tracked.tolist()]
@@ -424,7 +451,7 @@ class ManagedSession:
         """End the session: streams get their final message, the kernel resources are released."""
         if not self.active:
             return
-        self.record.state = "ENDED"
+        self.record.state = SessionState.ENDED
         self.record.end_reason = int(reason)
         self.record.end_message = message
         self.record.ended_at_unix_ns = time.time_ns()
@@ -438,88 +465,6 @@ class ManagedSession:
         await self._manager.persist(self.record)
         self.settled = True
         self._manager.prune_ended()
-
-
-class Ticker:
-    """Harvests every session of one tick interval, in one worker-thread call per tick."""
-
-    def __init__(self, manager: SessionManager, interval_ms: int) -> None:
-        self.interval_ms = interval_ms
-        self._manager = manager
-        self._sessions: dict[str, ManagedSession] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    def add(self, session: ManagedSession) -> None:
-        """Harvest ``session`` from the next tick on."""
-        self._sessions[session.session_id] = session
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"ticker-{self.interval_ms}ms")
-
-    def discard(self, session: ManagedSession) -> None:
-        """Stop harvesting ``session``."""
-        self._sessions.pop(session.session_id, None)
-
-    async def stop(self) -> None:
-        """Cancel the tick loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval_s = self.interval_ms / 1000
-        next_tick = time.monotonic()
-        while self._sessions:
-            # The first tick comes one interval after the start: a session just created (and
-            # harvested) must not lose its caller's first writes to an immediate tick.
-            next_tick += interval_s
-            delay = next_tick - time.monotonic()
-            if delay < 0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
-                delay = 0
-            await asyncio.sleep(delay)
-            # A session whose lock is held is being harvested on demand right now.
-            due = [s for s in self._sessions.values() if s.active and not s._harvest_lock.locked()]
-            if not due:
-                continue
-            for session in due:
-                await session._harvest_lock.acquire()  # uncontended: returns without suspending
-            try:
-                outcomes = await loop.run_in_executor(self._manager.executor, _harvest_all, due)
-                for session, outcome in zip(due, outcomes, strict=True):
-                    if isinstance(outcome, BaseException):
-                        await self._settle(session, outcome)
-                    elif outcome is not None:
-                        session._publish(outcome)
-                    session._reap()
-            finally:
-                for session in due:
-                    session._harvest_lock.release()
-
-    @staticmethod
-    async def _settle(session: ManagedSession, error: BaseException) -> None:
-        if isinstance(error, ProcessGone):
-            await session._finish_gone(error)
-        elif not isinstance(error, SessionEnded):  # a harvester must never die silently
-            log.error("harvest of session %s failed: %r", session.session_id, error)
-            await session.finish(EndReason.ERROR, f"harvest failed: {error}")
-
-
-def _harvest_all(sessions: list[ManagedSession]) -> list[Published | BaseException | None]:
-    outcomes: list[Published | BaseException | None] = []
-    for session in sessions:
-        try:
-            outcomes.append(session._harvest_in_thread())
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
-
-
-# A killed daemon's kernel resources are released fd by fd after its lock is: a successor
-# that starts at once may find the memory still registered for a moment.
-_READOPT_BUSY_ATTEMPTS = 5
-_READOPT_BUSY_BACKOFF_S = 0.2
 
 
 @dataclass(slots=True)
@@ -554,7 +499,7 @@ class SessionManager:
         """The ticker of one tick interval, created on first use."""
         ticker = self._tickers.get(interval_ms)
         if ticker is None:
-            ticker = self._tickers[interval_ms] = Ticker(self, interval_ms)
+            ticker = self._tickers[interval_ms] = Ticker(self.executor, interval_ms)
         return ticker
 
     def __len__(self) -> int:
@@ -584,7 +529,11 @@ class SessionManager:
         active = sum(1 for s in self._sessions.values() if s.active)
         if active >= self.settings.max_sessions:
             raise LimitExceeded(f"the daemon already tracks {active} sessions (max_sessions)")
-        tick_ms = self._tick_interval(spec.tick_interval_ms)
+        tick_ms = tick_interval_ms(
+            spec.tick_interval_ms,
+            default_ms=self.settings.default_tick_interval_ms,
+            min_ms=self.settings.min_tick_interval_ms,
+        )
         if len(spec.ranges) > self.settings.max_ranges_per_session:
             raise LimitExceeded(f"{len(spec.ranges)} ranges exceed max_ranges_per_session")
         if not spec.auto_ranges and not spec.ranges:
@@ -593,7 +542,9 @@ class SessionManager:
         if spec.attach_mode != AttachMode.SPAWN:
             self._claim(spec.pid)
         try:
-            tracker, spawned = await loop.run_in_executor(self.executor, self._start_tracker, spec)
+            tracker, spawned = await loop.run_in_executor(
+                self.executor, functools.partial(start_tracker, spec, inject_deadline_s=self.inject_deadline_s)
+            )
         finally:
             self._attaching.discard(spec.pid)
         identity = tracker.identity
@@ -611,12 +562,12 @@ class SessionManager:
             uffd_fd=spec.uffd_fd,
             argv=list(spec.argv),
             epoch=time.time_ns(),
-            comm=_comm(pid),
-            uid=_uid(pid),
+            comm=process_name(pid),
+            uid=process_uid(pid),
             owner=spec.owner,
             follow_exec=spec.follow_exec,
             follow_children=spec.follow_children,
-            cmdline=_cmdline(pid),
+            cmdline=process_cmdline(pid),
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
         self._sessions[record.session_id] = session
@@ -658,36 +609,18 @@ class SessionManager:
 
     async def _readopt_records(self) -> Readoption:
         outcome = Readoption()
-        for record in self.store.load("ENDED"):
+        for record in self.store.load(SessionState.ENDED):
             self._add_ended(record)
-        for record in self.store.load("ACTIVE"):
-            identity = ProcessIdentity(record.pid, record.start_time_ticks)
-            if not identity.is_alive():
-                await self._record_ended(record, EndReason.EXITED, "the process exited while the daemon was down")
-                outcome.exited.append(record)
-                continue
-            try:
-                tracker = await self._readopt_tracker(record, identity)
-            except RangeBusy as exc:
-                log.warning(
-                    "session %s (pid %d) not re-adopted, its record stays ACTIVE: another userfaultfd still "
-                    "tracks its memory (%s); is another writewatchd tracking pid %d?",
-                    record.session_id,
-                    record.pid,
-                    exc,
-                    record.pid,
-                )
-                outcome.kept.append(record)
-                continue
-            except Exception as exc:
-                if not identity.is_alive():
-                    await self._record_ended(record, EndReason.EXITED, "the process exited while being re-adopted")
-                    outcome.exited.append(record)
+        for record in self.store.load(SessionState.ACTIVE):
+            readopted = await readopt(record, self.executor, inject_deadline_s=self.inject_deadline_s)
+            if readopted.tracker is None:
+                if readopted.end is None:
+                    outcome.kept.append(record)
                     continue
-                log.warning("could not re-adopt session %s (pid %d): %r", record.session_id, record.pid, exc)
-                await self._record_ended(record, EndReason.ERROR, f"re-adoption failed: {exc}")
-                outcome.failed.append(record)
+                await self._record_ended(record, *readopted.end)
+                (outcome.exited if readopted.end[0] == EndReason.EXITED else outcome.failed).append(record)
                 continue
+            tracker = readopted.tracker
             record.epoch = time.time_ns()
             # The views come back with the first delta of the new epoch, a RESYNC: every
             # tracked page written, since what happened meanwhile is unknown.
@@ -698,24 +631,8 @@ class SessionManager:
             outcome.adopted.append(session)
         return outcome
 
-    async def _readopt_tracker(self, record: SessionRecord, identity: ProcessIdentity) -> Tracker:
-        """A tracker on a fresh userfaultfd; EBUSY is retried while a dying predecessor releases its own."""
-        loop = asyncio.get_running_loop()
-        for attempt in range(_READOPT_BUSY_ATTEMPTS):
-            try:
-                uffd = await loop.run_in_executor(self.executor, self._reobtain_uffd, record)
-                return await loop.run_in_executor(
-                    self.executor,
-                    functools.partial(Tracker, identity, uffd, ranges=record.ranges, auto=record.auto_ranges),
-                )
-            except RangeBusy:
-                if attempt + 1 == _READOPT_BUSY_ATTEMPTS:
-                    raise
-                await asyncio.sleep(_READOPT_BUSY_BACKOFF_S)
-        raise AssertionError("unreachable")
-
     async def _record_ended(self, record: SessionRecord, reason: EndReason, message: str) -> None:
-        record.state = "ENDED"
+        record.state = SessionState.ENDED
         record.end_reason = int(reason)
         record.end_message = message
         record.ended_at_unix_ns = time.time_ns()
@@ -799,102 +716,8 @@ class SessionManager:
         # Exits noticed already are recorded (they need the executor, which is going away).
         await asyncio.gather(*self.background, return_exceptions=True)
         for session in list(self._sessions.values()):
-            if session.active:
-                session.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
-                session._close_pidfd()
-                async with session._harvest_lock:  # let an on-demand harvest finish first
-                    if session.tracker is not None:
-                        session.tracker.close()
+            await session.close_for_shutdown()
         self.executor.shutdown(wait=True, cancel_futures=True)
-
-    def _tick_interval(self, requested_ms: int) -> int:
-        if requested_ms == 0:
-            return self.settings.default_tick_interval_ms
-        if requested_ms < self.settings.min_tick_interval_ms:
-            raise UsageError(
-                f"tick_interval_ms {requested_ms} is below the minimum {self.settings.min_tick_interval_ms}"
-            )
-        return requested_ms
-
-    def _start_tracker(self, spec: SessionSpec) -> tuple[Tracker, Any]:
-        """Obtain the target's userfaultfd as ``spec`` says and start tracking (blocking)."""
-        if spec.attach_mode == AttachMode.SPAWN:
-            return self._spawn(spec)
-        _check_pid(spec.pid)
-        if spec.attach_mode == AttachMode.COOPERATIVE:
-            if spec.uffd_fd is None or spec.uffd_fd < 0:
-                raise UsageError("cooperative attach needs uffd_fd, the target's userfaultfd fd number")
-            uffd = Userfaultfd.from_process(spec.pid, spec.uffd_fd)
-        elif spec.attach_mode == AttachMode.INJECT:
-            from ..kernel.inject import inject_userfaultfd
-
-            uffd = inject_userfaultfd(spec.pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
-        else:
-            raise UsageError(f"unknown attach mode {spec.attach_mode}")
-        try:
-            return Tracker(ProcessIdentity.of(spec.pid), uffd, ranges=spec.ranges, auto=spec.auto_ranges), None
-        except BaseException:
-            uffd.close()
-            raise
-
-    def _spawn(self, spec: SessionSpec) -> tuple[Tracker, Any]:
-        from ..kernel.spawn import spawn_tracked
-
-        if not spec.argv:
-            raise UsageError("spawn needs argv")
-        trackers: list[Tracker] = []
-
-        def track_before_first_instruction(uffd: Userfaultfd) -> None:
-            identity = ProcessIdentity.of(uffd.owner_pid)
-            trackers.append(Tracker(identity, uffd, ranges=spec.ranges, auto=spec.auto_ranges))
-
-        try:
-            spawned = spawn_tracked(
-                list(spec.argv),
-                env=spec.env,
-                cwd=spec.cwd,
-                stdin=subprocess.DEVNULL,
-                before_start=track_before_first_instruction,
-            )
-        except FileNotFoundError as exc:
-            raise UsageError(f"cannot spawn {spec.argv[0]!r}: {exc.strerror}") from None
-        return trackers[0], spawned
-
-    def retrack_after_exec(self, session: ManagedSession, old: Tracker | None) -> Tracker | None:
-        """A tracker of the program ``session``'s target runs now, or None if ``old`` is one (blocking).
-
-        The fingerprint is read before the injection and again after the tracker exists:
-        a uffd injected just before another exec would belong to a dead mm (kernel.md §8.3).
-        """
-        record = session.record
-        pid = record.pid
-        identity = ProcessIdentity(pid, record.start_time_ticks)
-        for _ in range(_EXEC_RETRIES):
-            before = mm_fingerprint(pid)
-            if not any(before) or not identity.is_alive():
-                # An exiting process has released its mm (its stat reads zeros), like a
-                # zombie: that would look like a new program.
-                raise ProcessGone(errno.ESRCH, f"process {pid} has exited")
-            if old is not None and old.mm_fingerprint == before and not old.has_exited():
-                return None
-            why = gained_privileges(pid)
-            if why:
-                raise _NotFollowable(why)
-            if not record.auto_ranges:
-                raise _NotFollowable("explicit ranges do not survive an exec; track auto ranges to follow it")
-            from ..kernel.inject import inject_userfaultfd
-
-            uffd = inject_userfaultfd(pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
-            try:
-                tracker = Tracker(identity, uffd, auto=True)
-            except BaseException:
-                uffd.close()
-                raise
-            if tracker.mm_fingerprint == before == mm_fingerprint(pid):
-                return tracker
-            tracker.close()
-            old = None
-        raise KernelError(0, f"process {pid} kept executing new programs while being re-armed")
 
     def pending_child(self, parent: ManagedSession, pid: int) -> PendingChild:
         """A child process of ``parent``'s target, to be adopted as a session of its own."""
@@ -967,7 +790,7 @@ class SessionManager:
         parent_pid = parent.record.pid if parent is not None else 0
         try:
             tracker = await self._track_child_retrying(pending.pid, parent_pid)
-        except _SharesMemory:
+        except SharesMemory:
             pending.waiting_for_exec = True
             if pending.exec_seen:  # the exec came while we looked
                 pending.waiting_for_exec = False
@@ -996,13 +819,13 @@ class SessionManager:
             tick_interval_ms=pending.tick_interval_ms,
             labels=pending.labels,
             epoch=time.time_ns(),
-            comm=_comm(identity.pid),
+            comm=process_name(identity.pid),
             follow_exec=pending.follow_exec,
             follow_children=True,
             parent_session_id=pending.parent_session_id,
             root_session_id=pending.root_session_id,
-            cmdline=_cmdline(identity.pid),
-            uid=_uid(identity.pid),
+            cmdline=process_cmdline(identity.pid),
+            uid=process_uid(identity.pid),
             owner=pending.owner,
         )
         session = ManagedSession(record, tracker, self)
@@ -1019,8 +842,11 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         for attempt in range(_ADOPT_ATTEMPTS):
             try:
-                return await loop.run_in_executor(self.executor, self._track_child, pid, parent_pid)
-            except (ProcessGone, _SharesMemory):
+                return await loop.run_in_executor(
+                    self.executor,
+                    functools.partial(track_child, pid, parent_pid, inject_deadline_s=self.inject_deadline_s),
+                )
+            except (ProcessGone, SharesMemory):
                 raise
             except (WriteWatchError, OSError):
                 if attempt + 1 == _ADOPT_ATTEMPTS:
@@ -1028,77 +854,16 @@ class SessionManager:
                 await asyncio.sleep(_ADOPT_RETRY_S * 2**attempt)
         raise AssertionError("unreachable")
 
-    def _track_child(self, pid: int, parent_pid: int) -> Tracker:
-        """Inject into a new child and track all of it (blocking)."""
-        identity = ProcessIdentity.of(pid)
-        if parent_pid and shares_memory(parent_pid, pid):
-            raise _SharesMemory(pid)
-        from ..kernel.inject import inject_userfaultfd
-
-        before = mm_fingerprint(pid)
-        uffd = inject_userfaultfd(pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
-        try:
-            tracker = Tracker(identity, uffd, auto=True)
-        except BaseException:
-            uffd.close()
-            raise
-        if tracker.mm_fingerprint != before:
-            # It executed while we injected; the exec event (or the first poll) re-arms it.
-            tracker.close()
-            return self._track_child(pid, 0)
-        return tracker
-
-    def _reobtain_uffd(self, record: SessionRecord) -> Userfaultfd:
-        if record.attach_mode == AttachMode.COOPERATIVE and record.uffd_fd is not None:
-            return Userfaultfd.from_process(record.pid, record.uffd_fd)
-        from ..kernel.inject import inject_userfaultfd
-
-        return inject_userfaultfd(record.pid, deadline_s=self.settings.inject_deadline_ms / 1000).uffd
-
-
-def _check_pid(pid: int) -> None:
-    if pid <= 0:
-        raise UsageError(f"pid must be > 0, got {pid}")
-    try:
-        read_status(pid)
-    except ProcessGone:
-        raise ProcessGone(errno.ESRCH, f"process {pid} does not exist") from None
-
-
-def _comm(pid: int) -> str:
-    try:
-        return read_status(pid).name
-    except WriteWatchError:
-        return ""
-
-
-def _uid(pid: int) -> int:
-    try:
-        return read_status(pid).effective_uid
-    except WriteWatchError:
-        return -1
+    @property
+    def inject_deadline_s(self) -> float:
+        """How long an injection may hold its target stopped."""
+        return self.settings.inject_deadline_ms / 1000
 
 
 def _new_session_id() -> str:
     return f"s-{secrets.token_hex(6)}"
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return read_cmdline(pid)
-    except WriteWatchError:
-        return []
-
-
-class _NotFollowable(WriteWatchError):
-    """The program a target executed is not followed; the message says why."""
-
-
-class _SharesMemory(WriteWatchError):
-    """A vfork child still runs on its parent's memory: a uffd made in it would track the parent."""
-
-
-_EXEC_RETRIES = 3
 _FORK_EXEC_GRACE_S = 0.05
 _ADOPT_ATTEMPTS = 5
 _ADOPT_RETRY_S = 0.02  # doubled after each failure: 0.62 s in all

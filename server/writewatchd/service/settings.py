@@ -12,12 +12,31 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from writewatch import default_address
+__all__ = ["Settings", "default_listen_address", "default_state_dir"]
 
-__all__ = ["ClientCertSettings", "IdentityPolicy", "RoleName", "Settings", "TokenSettings", "default_state_dir"]
+__all__ = [
+    "ClientCertSettings",
+    "IdentityPolicy",
+    "RoleName",
+    "Settings",
+    "TokenSettings",
+    "default_listen_address",
+    "default_state_dir",
+]
 
 RoleName = Literal["reader", "controller", "admin"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@:-]*")
+
+
+def default_listen_address() -> str:
+    """Where the daemon listens by default: its Unix socket under $XDG_RUNTIME_DIR, else under /run.
+
+    The client's ``writewatch.default_address()`` must agree (a test pins them equal).
+    """
+    runtime_dir = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime_dir:
+        return f"unix:{runtime_dir}/writewatch/writewatchd.sock"
+    return "unix:/run/writewatch/writewatchd.sock"
 
 
 def default_state_dir() -> Path:
@@ -77,7 +96,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="WRITEWATCHD_", extra="forbid", toml_file=None)
 
-    listen: str = Field(default_factory=default_address, description="unix:PATH or tcp:HOST:PORT")
+    listen: str = Field(default_factory=default_listen_address, description="unix:PATH or tcp:HOST:PORT")
     socket_mode: int = Field(0o600, description="permission bits of the Unix socket")
     state_dir: Path = Field(default_factory=default_state_dir, description="directory of the SQLite state store")
     tls_cert_file: Path | None = Field(None, description="PEM certificate; required for tcp: unless insecure_tcp")

@@ -8,6 +8,8 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .enums import SessionState
+
 __all__ = ["SessionRecord", "StateStore"]
 
 
@@ -26,7 +28,7 @@ class SessionRecord:
     labels: dict[str, str] = field(default_factory=dict)
     uffd_fd: int | None = None
     argv: list[str] = field(default_factory=list)
-    state: str = "ACTIVE"
+    state: SessionState = SessionState.ACTIVE
     end_reason: int = 0
     end_message: str = ""
     epoch: int = 0
@@ -68,20 +70,21 @@ class StateStore:
         with self._lock:
             self._db.execute(
                 "INSERT OR REPLACE INTO sessions (id, state, record) VALUES (?, ?, ?)",
-                (record.session_id, record.state, json.dumps(asdict(record))),
+                (record.session_id, record.state.value, json.dumps(asdict(record))),
             )
 
-    def load(self, state: str | None = None) -> list[SessionRecord]:
+    def load(self, state: SessionState | None = None) -> list[SessionRecord]:
         """Every session (optionally only those in ``state``), oldest first."""
         with self._lock:
             if state is None:
                 rows = self._db.execute("SELECT record FROM sessions").fetchall()
             else:
-                rows = self._db.execute("SELECT record FROM sessions WHERE state = ?", (state,)).fetchall()
+                rows = self._db.execute("SELECT record FROM sessions WHERE state = ?", (state.value,)).fetchall()
         records = []
         for (text,) in rows:
             data = json.loads(text)
             data["ranges"] = [tuple(pair) for pair in data["ranges"]]
+            data["state"] = SessionState(data["state"])
             records.append(SessionRecord(**data))
         return sorted(records, key=lambda r: r.created_at_unix_ns)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -12,8 +13,12 @@ from writewatch.regions import encode_regions, split_regions
 from ..kernel import PAGE_SIZE
 from ..kernel.probe import Capabilities
 from ..tracking.delta import Delta
-from ..tracking.regions import RegionArray, as_regions
+from ..tracking.regions import RegionArray, as_regions, n_pages
+from ..tracking.views import View
 from .hub import SessionEnd
+
+if TYPE_CHECKING:
+    from .sessions import ManagedSession
 
 __all__ = [
     "capabilities_message",
@@ -21,6 +26,8 @@ __all__ = [
     "delta_message",
     "ended_frame",
     "ranges_from_message",
+    "session_message",
+    "view_message",
 ]
 
 
@@ -118,3 +125,47 @@ def capabilities_message(caps: Capabilities, daemon_version: str) -> pb.Capabili
 def categories_bytes(categories: np.ndarray) -> bytes:
     """Scan categories as packed little-endian u64."""
     return np.ascontiguousarray(categories, dtype="<u8").tobytes()
+
+
+def view_message(view: View) -> pb.View:
+    """A ``View`` listing: its name and how many pages it holds written."""
+    return pb.View(view_id=view.name, n_pages=n_pages(view.written))
+
+
+def session_message(session: ManagedSession) -> pb.Session:
+    """A ``Session`` snapshot."""
+    record = session.record
+    stats = session.statistics
+    tracked: list[list[int]] = session.tracked.tolist()
+    return pb.Session(
+        session_id=record.session_id,
+        pid=record.pid,
+        process_start_time_ticks=record.start_time_ticks,
+        attach_mode=record.attach_mode,  # type: ignore[arg-type]
+        state=pb.SESSION_STATE_ACTIVE if session.active else pb.SESSION_STATE_ENDED,
+        end_reason=record.end_reason,  # type: ignore[arg-type]
+        end_message=record.end_message,
+        ranges=[pb.AddressRange(start_address=int(s), end_address=int(e)) for s, e in tracked],
+        auto_ranges=record.auto_ranges,
+        tick_interval_ms=record.tick_interval_ms,
+        labels=record.labels,
+        epoch=session.hub.epoch,
+        last_seq=session.hub.last_seq,
+        created_at_unix_ns=record.created_at_unix_ns,
+        statistics=pb.SessionStatistics(
+            n_harvests=stats.n_harvests,
+            last_harvest_ns=stats.last_harvest_ns,
+            total_harvest_ns=stats.total_harvest_ns,
+            n_regions=stats.n_regions,
+            n_pages=stats.n_pages,
+            n_subscribers=session.hub.n_subscribers,
+            n_views=len(session.views),
+        ),
+        n_tracked_pages=n_pages(session.tracked),
+        comm=record.comm,
+        parent_session_id=record.parent_session_id,
+        n_execs_followed=record.n_execs_followed,
+        argv=record.cmdline,
+        follow_exec=record.follow_exec,
+        follow_children=record.follow_children,
+    )
