@@ -302,10 +302,10 @@ def sessions(
     if fleet_file is None:
         with _errors(), _client(ctx, address) as client:
             found = client.sessions(include_ended=show_all)
-        if tree:
-            _print_tree(found, as_json)
-        else:
-            _print_sessions(found, as_json)
+            if tree:
+                _print_tree(found, as_json)
+            else:
+                _print_sessions(found, as_json)
         return
     # The global TLS and token options apply to every daemon of the fleet; the file gives the addresses.
     options = {key: value for key, value in (ctx.obj or {}).items() if key != "address"}

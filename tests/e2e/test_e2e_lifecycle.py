@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 import writewatch
 from daemonproc import DaemonProcess
 from targets import NO_TICKS_MS, PAGE, CoopTarget
+from writewatchd.kernel.probe import probe
 
 
 @pytest.fixture
@@ -51,6 +52,8 @@ def test_capabilities(client: writewatch.Client) -> None:
     caps = client.capabilities()
     assert caps.pagemap_scan and caps.wp_async
     assert caps.page_size_bytes == PAGE
+    # The daemon runs with the default settings (process events on): what it uses is what this kernel offers.
+    assert caps.exec_fork_detection == probe().exec_fork_detection
 
 
 def test_inject_attach_tracks_a_process_that_did_not_cooperate(client: writewatch.Client, target: CoopTarget) -> None:

@@ -358,7 +358,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
     @rpc
     async def GetCapabilities(self, request: pb.GetCapabilitiesRequest, context: Any) -> pb.Capabilities:
         caps = await asyncio.get_running_loop().run_in_executor(self._manager.executor, probe)
-        return capabilities_message(caps, __version__)
+        return capabilities_message(caps, __version__, process_events=self._manager.settings.process_events)
 
     @rpc
     async def WhoAmI(self, request: pb.WhoAmIRequest, context: Any) -> pb.WhoAmIResponse:

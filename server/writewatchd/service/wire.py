@@ -99,8 +99,8 @@ def ranges_from_message(ranges: Sequence[pb.AddressRange]) -> RegionArray:
     return as_regions([(r.start_address, r.end_address) for r in ranges])
 
 
-def capabilities_message(caps: Capabilities, daemon_version: str) -> pb.Capabilities:
-    """The kernel probe as a ``Capabilities`` message."""
+def capabilities_message(caps: Capabilities, daemon_version: str, *, process_events: bool) -> pb.Capabilities:
+    """The kernel probe as a ``Capabilities`` message (``process_events``: the daemon's setting)."""
 
     def fix(value: bool | None) -> int:
         if value is None:
@@ -119,6 +119,7 @@ def capabilities_message(caps: Capabilities, daemon_version: str) -> pb.Capabili
         is_root=caps.euid == 0,
         daemon_version=daemon_version,
         page_size_bytes=PAGE_SIZE,
+        exec_fork_detection=caps.exec_fork_detection if process_events else "polling",
     )
 
 

@@ -1595,6 +1595,7 @@ class Capabilities(_message.Message):
     IS_ROOT_FIELD_NUMBER: _builtins.int
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    EXEC_FORK_DETECTION_FIELD_NUMBER: _builtins.int
     kernel_version: _builtins.str
     """Running kernel release (uname -r)."""
     pagemap_scan: _builtins.bool
@@ -1617,6 +1618,10 @@ class Capabilities(_message.Message):
     """Version of writewatchd."""
     page_size_bytes: _builtins.int
     """Base page size in bytes."""
+    exec_fork_detection: _builtins.str
+    """How followed sessions learn of their targets' execs and forks: "events" (the
+    process-events connector) or "polling" (/proc, unavailable connector or turned off).
+    """
     def __init__(
         self,
         *,
@@ -1631,10 +1636,11 @@ class Capabilities(_message.Message):
         is_root: _builtins.bool = ...,
         daemon_version: _builtins.str = ...,
         page_size_bytes: _builtins.int = ...,
+        exec_fork_detection: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_version", b"daemon_version", "is_root", b"is_root", "kernel_version", b"kernel_version", "page_size_bytes", b"page_size_bytes", "pagemap_scan", b"pagemap_scan", "pmd_hole_fix", b"pmd_hole_fix", "soft_dirty", b"soft_dirty", "supported_category_mask", b"supported_category_mask", "uffd_features", b"uffd_features", "unpopulated_pte_fix", b"unpopulated_pte_fix", "wp_async", b"wp_async"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daemon_version", b"daemon_version", "exec_fork_detection", b"exec_fork_detection", "is_root", b"is_root", "kernel_version", b"kernel_version", "page_size_bytes", b"page_size_bytes", "pagemap_scan", b"pagemap_scan", "pmd_hole_fix", b"pmd_hole_fix", "soft_dirty", b"soft_dirty", "supported_category_mask", b"supported_category_mask", "uffd_features", b"uffd_features", "unpopulated_pte_fix", b"unpopulated_pte_fix", "wp_async", b"wp_async"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
