@@ -199,12 +199,7 @@ def retrack_after_exec(record: SessionRecord, old: Tracker | None, *, inject_dea
             raise NotFollowable(why)
         if not record.auto_ranges:
             raise NotFollowable("explicit ranges do not survive an exec; track auto ranges to follow it")
-        uffd = _inject(pid, inject_deadline_s)
-        try:
-            tracker = Tracker(identity, uffd, auto=True)
-        except BaseException:
-            uffd.close()
-            raise
+        tracker = _inject_tracker(identity, inject_deadline_s)
         if tracker.mm_fingerprint == before == mm_fingerprint(pid):
             return tracker
         tracker.close()
@@ -221,17 +216,22 @@ def track_child(pid: int, parent_pid: int, *, inject_deadline_s: float) -> Track
     if parent_pid and shares_memory(parent_pid, pid):
         raise SharesMemory(pid)
     before = mm_fingerprint(pid)
-    uffd = _inject(pid, inject_deadline_s)
-    try:
-        tracker = Tracker(identity, uffd, auto=True)
-    except BaseException:
-        uffd.close()
-        raise
+    tracker = _inject_tracker(identity, inject_deadline_s)
     if tracker.mm_fingerprint != before:
         # It executed while we injected; the exec event (or the first poll) re-arms it.
         tracker.close()
         return track_child(pid, 0, inject_deadline_s=inject_deadline_s)
     return tracker
+
+
+def _inject_tracker(identity: ProcessIdentity, deadline_s: float) -> Tracker:
+    """Inject into the process and track all of its memory (auto ranges)."""
+    uffd = _inject(identity.pid, deadline_s)
+    try:
+        return Tracker(identity, uffd, auto=True)
+    except BaseException:
+        uffd.close()
+        raise
 
 
 def _inject(pid: int, deadline_s: float) -> Userfaultfd:
