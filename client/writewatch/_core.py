@@ -31,7 +31,8 @@ __all__ = [
 RESUMABLE_ENDS = (EndReason.EVICTED, EndReason.DAEMON_SHUTDOWN)
 
 # The client never cancels a stream it still reads, so CANCELLED comes from the other side: a
-# stopping daemon cancels the streams that reached it after its last SessionEnded.
+# stopping daemon cancels the streams that reached it after its last SessionEnded, and gRPC
+# refuses calls with it when more than the daemon's max_pending_calls wait to be accepted.
 RETRYABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 

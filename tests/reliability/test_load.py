@@ -64,9 +64,11 @@ def targets() -> Iterator[list[CoopTarget]]:
 
 
 async def _consume(client: writewatch.AsyncClient, session_id: str, sub: Subscriber) -> None:
-    session = await client.session(session_id)
-    sub.n_connects += 1
+    # Every call counts: a failed GetSession used to kill the task unseen, and the subscriber
+    # then looked like a stream that hung.
     try:
+        session = await client.session(session_id)
+        sub.n_connects += 1
         async for delta in session.subscribe(resume=sub.checker.cursor):
             sub.checker.feed(delta)
         sub.ended = f"stream returned at {sub.checker.cursor}: {session.end_reason!r} {session.end_message!r}"

@@ -61,6 +61,12 @@ class Daemon:
                 ("grpc.max_send_message_length", _MESSAGE_LIMIT_BYTES),
                 ("grpc.max_receive_message_length", 16 << 20),
                 ("grpc.so_reuseport", 0),
+                # gRPC (>= 1.82) drops calls at random once 1000 wait to be accepted, answering
+                # CANCELLED as if the caller had cancelled, and grpc.aio accepts one call per
+                # event-loop turn: a burst of reconnecting subscribers failed calls nobody had
+                # cancelled (docs/kernel.md 8.13). Equal limits: queue up to the bound, then refuse.
+                ("grpc.server.max_pending_requests", settings.max_pending_calls),
+                ("grpc.server.max_pending_requests_hard_limit", settings.max_pending_calls),
             ],
         )
         self.address = ""

@@ -115,6 +115,9 @@ class Settings(BaseSettings):
     ended_session_max_count: int = Field(
         1000, ge=0, description="at most this many ended sessions are kept; the oldest are pruned first"
     )
+    max_pending_calls: int = Field(
+        10_000, ge=1, description="calls received but not yet accepted by the daemon; beyond, new calls are refused"
+    )
     subscriber_queue_deltas: int = Field(64, ge=1)
     subscriber_evict_after_ms: int = Field(30_000, ge=1, description="a stream blocked this long is evicted")
     history_max_deltas: int = Field(1024, ge=1)
