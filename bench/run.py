@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py            # full run (~5 min here), rewrites bench/RESULTS.md
     .venv/bin/python bench/run.py --quick    # seconds-long smoke run of everything, to stdout
     .venv/bin/python bench/run.py --only fanout latency   # some sections, to stdout
+    .venv/bin/python bench/run.py --only writers --update  # re-measure sections in RESULTS.md
 
 Each section is a module of bench/ with ``run(quick) -> Section``, except the two owned by
 other engineers, which run as their own scripts: bench/scan.py (in-process harvest) and
@@ -112,10 +113,10 @@ def attach_section(quick: bool) -> Section:
     return section
 
 
-def _module_section(name: str) -> Callable[[bool], Section]:
+def _module_section(name: str, function: str = "run") -> Callable[[bool], Section]:
     def run(quick: bool) -> Section:
         module = __import__(name)
-        section: Section = module.run(quick)
+        section: Section = getattr(module, function)(quick)
         return section
 
     return run
@@ -125,6 +126,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "scan": scan_section,
     "harvest": _module_section("harvest"),
     "targetcost": _module_section("targetcost"),
+    "writers": _module_section("targetcost", "run_writers"),
     "fanout": _module_section("fanout"),
     "latency": _module_section("latency"),
     "scale": _module_section("scale"),
@@ -155,6 +157,40 @@ def _hand_written_sections(path: Path) -> list[str]:
     ]
 
 
+def _section_key(block: str) -> tuple[int, str]:
+    """``(2, "b")`` for a block titled "## 2b. ..."; blocks without a number sort last."""
+    match = re.match(r"## (\d+)([a-z]?)\.", block)
+    return (int(match.group(1)), match.group(2)) if match else (1 << 30, "")
+
+
+def _update_sections(path: Path, sections: list[Section]) -> str:
+    """``path``'s report with ``sections`` replaced (same title) or inserted in number order; the rest kept.
+
+    A replaced block keeps what follows its section's last line (the run's total time, the
+    heading of the hand-written notes).
+    """
+    blocks = re.split(r"^(?=## )", path.read_text(), flags=re.MULTILINE)
+    info = common.machine()
+    for section in sections:
+        section.evidence.append(
+            f"_(re-measured alone with `bench/run.py --only ... --update`, {info['date']}, commit {info['commit']}; "
+            "the other sections keep their figures)_"
+        )
+        new = section.markdown().rstrip() + "\n\n"
+        title = new.split("\n", 1)[0]
+        same = [i for i, block in enumerate(blocks) if block.split("\n", 1)[0] == title]
+        if same:
+            old = blocks[same[0]]
+            after = re.search(r"^(Total run time: |# )", old, flags=re.MULTILINE)
+            trailer = old[after.start() :] if after else ""
+            blocks[same[0]] = new + trailer
+            continue
+        key = _section_key(new)
+        later = [i for i, block in enumerate(blocks) if block.startswith("## ") and _section_key(block) > key]
+        blocks.insert(later[0] if later else len(blocks), new)
+    return "".join(blocks)
+
+
 def _settle(max_wait_s: float = 45.0) -> None:
     """Wait (bounded) until the load a previous section left behind has drained."""
     deadline = time.monotonic() + max_wait_s
@@ -167,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, few rounds; print, do not write RESULTS.md")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections; print")
     parser.add_argument("--output", type=Path, help="write the report here instead")
+    parser.add_argument(
+        "--update", action="store_true", help="with --only: replace those sections in RESULTS.md, keep the others"
+    )
     args = parser.parse_args(argv)
     names = args.only or list(SECTIONS)
     started = time.monotonic()
@@ -181,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print("\n".join(parts), flush=True)
     failed: list[str] = []
+    done: list[Section] = []
     for name in names:
         if not args.quick:
             _settle()
@@ -206,13 +246,18 @@ def main(argv: list[str] | None = None) -> int:
         section.evidence.append(f"_(section took {elapsed_s:.0f} s)_")
         print(section.markdown(), flush=True)
         parts.append(section.markdown())
+        done.append(section)
     parts.append(f"Total run time: {time.monotonic() - started:.0f} s.")
     kept = _hand_written_sections(RESULTS)
     if kept:
         parts += ["", "# Notes kept from the previous RESULTS.md (written by hand, not by this run)", "", *kept]
     report = "\n".join(parts) + "\n"
     output = args.output or (None if args.quick or args.only else RESULTS)
-    if output is not None:
+    if args.update and not args.quick:
+        updated = [section for name, section in zip(names, done, strict=True) if name not in failed]
+        (args.output or RESULTS).write_text(_update_sections(RESULTS, updated))
+        print(f"updated {len(updated)} section(s) of {args.output or RESULTS}", file=sys.stderr)
+    elif output is not None:
         output.write_text(report)
         print(f"wrote {output}", file=sys.stderr)
     if failed:
