@@ -34,7 +34,7 @@ from writewatchd.service.hub import Hub
 from writewatchd.service.server import _RETAIN_FREED_BYTES
 from writewatchd.service.wire import delta_frames
 from writewatchd.tracking import WriteWatch
-from writewatchd.tracking.regions import merge
+from writewatchd.tracking.regions import EMPTY, merge
 from writewatchd.tracking.tracker import Tracker
 
 _FRAGMENT_MAX_BYTES = 1 << 20  # the daemon's default fragment_max_bytes
@@ -54,6 +54,13 @@ class Case:
     ratio: Stats
     extra: str = ""
     prepare_ms: Stats | None = None
+
+
+def _subscribed_hub() -> Hub:
+    """A hub with the daemon's encoder and one subscriber: ``prepare`` skips the encoding while nobody subscribes."""
+    hub = Hub(lambda delta: delta_frames("s-bench", delta, _FRAGMENT_MAX_BYTES), epoch=1)
+    hub.subscribe(EMPTY)
+    return hub
 
 
 def _size(size_bytes: int) -> str:
@@ -143,7 +150,7 @@ def in_process(size_bytes: int, percents: list[float], rounds: int, *, writewatc
         start, end = memory.addr, memory.addr + memory.length_bytes
         uffd = Userfaultfd.create()
         tracker = Tracker(ProcessIdentity.of(os.getpid()), uffd, ranges=[(start, end)])
-        hub = Hub(lambda delta: delta_frames("s-bench", delta, _FRAGMENT_MAX_BYTES), epoch=1)
+        hub = _subscribed_hub()
         tracker.harvest()  # the first harvest reports the new range as written (resync)
 
         prepare_ms: list[float] = []
@@ -252,7 +259,7 @@ def prepare_by_cpu_state(n_pages: int, percent: float, rounds: int) -> dict[str,
     """
     starts = np.uint64(0x7F00_0000_0000) + hashed_pages(n_pages, percent).astype(np.uint64) * np.uint64(PAGE_SIZE)
     regions = merge(np.column_stack((starts, starts + np.uint64(PAGE_SIZE))))
-    hub = Hub(lambda delta: delta_frames("s-bench", delta, _FRAGMENT_MAX_BYTES), epoch=1)
+    hub = _subscribed_hub()
     tight: list[float] = []
     after_sleep: list[float] = []
     for _ in range(rounds):

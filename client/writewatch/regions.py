@@ -9,6 +9,9 @@ when a value does not fit in 32 bits.
 
 from __future__ import annotations
 
+import sys
+from typing import NoReturn
+
 import numpy as np
 import numpy.typing as npt
 
@@ -32,6 +35,10 @@ Regions = npt.NDArray[np.uint64]
 DEFAULT_PAGE_SIZE_BYTES = 4096
 MAX_FRAGMENT_BYTES = 1 << 20
 _U32_MAX = 0xFFFF_FFFF
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
+_LITTLE_ENDIAN = sys.byteorder == "little"
+_U32_LE = np.dtype("<u4")
+_UINT64 = np.dtype(np.uint64)
 _NARROW_PAIR_BYTES = 8
 _WIDE_PAIR_BYTES = 16
 
@@ -42,6 +49,8 @@ def empty_regions() -> Regions:
 
 
 def _as_regions(regions: npt.ArrayLike) -> Regions:
+    if isinstance(regions, np.ndarray) and regions.dtype == _UINT64 and regions.ndim == 2 and regions.shape[1] == 2:
+        return regions  # the daemon's own arrays: skip asarray's conversions
     array = np.asarray(regions, dtype=np.uint64)
     if array.size == 0:
         return empty_regions()
@@ -50,28 +59,44 @@ def _as_regions(regions: npt.ArrayLike) -> Regions:
     return array
 
 
-def _pairs(regions: Regions, base_address: int, page_size_bytes: int) -> npt.NDArray[np.uint64]:
-    """(gap_pages, n_pages) rows of validated regions relative to base_address."""
-    # Sorted, non-overlapping regions make [base, s0, e0, s1, e1, ...] non-decreasing, and its
-    # steps are exactly the interleaved (gap, n) pairs: one diff, no per-column passes.
-    n = len(regions)
-    bounds = np.empty(2 * n + 1, dtype=np.int64)
-    bounds[0] = base_address
-    bounds[1:] = regions.reshape(-1).view(np.int64)
-    if int(np.bitwise_or.reduce(bounds[1:])) % page_size_bytes:
-        raise ValueError(f"region bounds must be multiples of the page size {page_size_bytes}")
-    steps = np.diff(bounds)
-    if int(steps[1::2].min()) <= 0:
-        raise ValueError("every region must have start < end")
-    if n > 1 and int(steps[2::2].min()) < 0:
-        raise ValueError("regions must be sorted and non-overlapping")
-    if steps[0] < 0:
-        raise ValueError(f"base_address 0x{base_address:x} is above the first region 0x{int(regions[0, 0]):x}")
+def _steps(
+    flat: npt.NDArray[np.uint64], first: int, last: int, base_address: int, page_size_bytes: int
+) -> npt.NDArray[np.uint64]:
+    """The byte steps of ``[base, s0, e0, s1, e1, ...]`` (``flat`` is ``s0, e0, ...``: the
+    interleaved gaps and lengths), validated."""
+    # Sorted, non-overlapping regions make that sequence non-decreasing, and its steps are
+    # exactly the interleaved (gap, n) pairs in bytes. Few, plain ufunc calls on purpose: the
+    # daemon encodes right after a page-table walk, when every call runs with cold caches.
+    steps = np.empty(len(flat), dtype=np.uint64)
+    np.subtract(flat[1:], flat[:-1], out=steps[1:])
+    steps[0] = (first - base_address) & _U64_MAX
+    span_bytes = last - base_address
     if page_size_bytes & (page_size_bytes - 1) == 0:
-        steps >>= page_size_bytes.bit_length() - 1
+        # Every bound is aligned when the first one and every later step are.
+        misaligned = (first | int(np.bitwise_or.reduce(steps))) & (page_size_bytes - 1)
     else:
-        steps //= page_size_bytes
-    return steps.view(np.uint64).reshape(-1, 2)
+        misaligned = int(np.maximum.reduce(np.remainder(flat, page_size_bytes)))
+    # In a non-decreasing sequence no step exceeds the whole span; a decreasing one wraps
+    # around to more than that.
+    if (
+        misaligned
+        or span_bytes < 0
+        or int(np.maximum.reduce(steps)) > span_bytes
+        or int(np.minimum.reduce(steps[1::2])) == 0
+    ):
+        _raise_invalid(flat.tolist(), base_address, page_size_bytes)
+    return steps
+
+
+def _raise_invalid(bounds: list[int], base_address: int, page_size_bytes: int) -> NoReturn:
+    """Say precisely what is wrong with the region bounds the fast check refused (off the hot path)."""
+    if any(bound % page_size_bytes for bound in bounds):
+        raise ValueError(f"region bounds must be multiples of the page size {page_size_bytes}")
+    if any(bounds[i] >= bounds[i + 1] for i in range(0, len(bounds), 2)):
+        raise ValueError("every region must have start < end")
+    if any(bounds[i] < bounds[i - 1] for i in range(1, len(bounds))):
+        raise ValueError("regions must be sorted and non-overlapping")
+    raise ValueError(f"base_address 0x{base_address:x} is above the first region 0x{bounds[0]:x}")
 
 
 def encode_regions(
@@ -79,18 +104,39 @@ def encode_regions(
     *,
     base_address: int | None = None,
     page_size_bytes: int = DEFAULT_PAGE_SIZE_BYTES,
+    out: PackedRegions | None = None,
 ) -> PackedRegions:
-    """Pack sorted, non-overlapping ``[start, end)`` regions; base_address defaults to the first start."""
+    """Pack sorted, non-overlapping ``[start, end)`` regions; base_address defaults to the first start.
+
+    ``out``, when given, is overwritten and returned: a message nested in another one is then
+    filled in place, without the copy that assigning a built message costs.
+    """
     array = _as_regions(regions)
+    packed = PackedRegions() if out is None else out
+    packed.page_size_bytes = _wire_page_size(page_size_bytes)
     if len(array) == 0:
-        return PackedRegions(base_address=base_address or 0, page_size_bytes=_wire_page_size(page_size_bytes))
-    base = int(array[0, 0]) if base_address is None else base_address
-    pairs = _pairs(array, base, page_size_bytes)
-    packed = PackedRegions(base_address=base, page_size_bytes=_wire_page_size(page_size_bytes))
-    if (base == int(array[0, 0]) and _narrow(array, page_size_bytes)) or int(pairs.max()) <= _U32_MAX:
-        packed.pairs = pairs.astype("<u4").tobytes()
+        packed.base_address = base_address or 0
+        packed.pairs = packed.wide_pairs = b""
+        return packed
+    flat = array.reshape(-1)
+    first, last = int(flat[0]), int(flat[-1])
+    base = first if base_address is None else base_address
+    packed.base_address = base
+    steps = _steps(flat, first, last, base, page_size_bytes)
+    # No step exceeds the span, so a span under 2**32 pages settles u32 without a pass.
+    span_pages = (last - base) // page_size_bytes
+    shift = page_size_bytes.bit_length() - 1
+    if page_size_bytes == 1 << shift:
+        np.right_shift(steps, shift, out=steps)
     else:
-        packed.wide_pairs = pairs.astype("<u8").tobytes()
+        np.floor_divide(steps, page_size_bytes, out=steps)
+    if span_pages <= _U32_MAX or int(np.maximum.reduce(steps)) <= _U32_MAX:
+        # On a little-endian host the low halves of the u64 steps are the u32 pairs.
+        packed.pairs = steps.view(_U32_LE)[0::2].tobytes() if _LITTLE_ENDIAN else steps.astype(_U32_LE).tobytes()
+        packed.wide_pairs = b""
+    else:
+        packed.pairs = b""
+        packed.wide_pairs = steps.astype("<u8").tobytes()
     return packed
 
 

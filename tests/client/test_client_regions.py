@@ -126,3 +126,61 @@ def test_split_default_is_about_one_mebibyte_per_fragment() -> None:
     chunks = split_regions(regions)
     assert [len(c) for c in chunks] == [131072, 131072, n - 262144]
     assert count_pages(regions) == n
+
+
+def reference_pairs(regions: np.ndarray, base: int, page: int) -> tuple[bytes, bytes] | None:
+    """(pairs, wide_pairs) by the wire format's definition, one region at a time; None if invalid."""
+    values: list[int] = []
+    previous = base
+    for start, end in regions.tolist():
+        if start % page or end % page or start >= end or start < previous:
+            return None
+        values += [(start - previous) // page, (end - start) // page]
+        previous = end
+    if max(values, default=0) <= 0xFFFF_FFFF:
+        return np.array(values, dtype="<u4").tobytes(), b""
+    return b"", np.array(values, dtype="<u8").tobytes()
+
+
+bounds = st.integers(min_value=0, max_value=1 << 20).map(lambda page: page * PAGE) | st.integers(0, 1 << 22)
+
+
+@given(
+    rows=st.lists(st.tuples(bounds, bounds), min_size=1, max_size=12),
+    base_page=st.none() | st.integers(min_value=0, max_value=1 << 20),
+    page=st.sampled_from([PAGE, 0x10000, 3 * PAGE]),
+)
+def test_encoding_matches_the_definition_and_refuses_what_it_must(
+    rows: list[tuple[int, int]], base_page: int | None, page: int
+) -> None:
+    regions = np.array(rows, dtype=np.uint64)
+    base = int(regions[0, 0]) if base_page is None else base_page * page
+    expected = reference_pairs(regions, base, page)
+    if expected is None:
+        with pytest.raises(ValueError):
+            encode_regions(regions, base_address=base, page_size_bytes=page)
+        return
+    packed = encode_regions(regions, base_address=base, page_size_bytes=page)
+    assert (packed.pairs, packed.wide_pairs) == expected
+    assert packed.base_address == base
+
+
+@given(base_page=st.integers(min_value=0, max_value=1 << 36), pairs=pair_lists)
+def test_sorted_regions_encode_as_defined(base_page: int, pairs: list[tuple[int, int]]) -> None:
+    regions = build(base_page, pairs)
+    if len(regions) == 0:
+        return
+    expected = reference_pairs(regions, int(regions[0, 0]), PAGE)
+    packed = encode_regions(regions)
+    assert (packed.pairs, packed.wide_pairs) == expected
+
+
+def test_encodes_into_a_given_message() -> None:
+    from writewatch._proto.writewatch.v1 import writewatch_pb2 as pb
+
+    regions = build(9, [(0, 2), (5, 1)])
+    delta = pb.Delta(regions=PackedRegions(wide_pairs=b"\x01" * 16, base_address=1))
+    returned = encode_regions(regions, out=delta.regions)
+    assert returned is delta.regions
+    assert delta.regions == encode_regions(regions)
+    assert np.array_equal(decode_regions(delta.regions), regions)

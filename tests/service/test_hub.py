@@ -156,3 +156,27 @@ async def test_evicted_subscriber_ends_with_reason_evicted_and_others_continue()
     assert isinstance(end, SessionEnd) and end.reason == EndReason.EVICTED
     (delta,) = await _drain(fast, 1)
     assert delta.seq == 2
+
+
+async def test_encoding_waits_for_a_subscriber_and_history_is_encoded_on_first_use() -> None:
+    calls: list[int] = []
+
+    def encode(delta: Delta) -> list[bytes]:
+        calls.append(delta.seq)
+        return _encode(delta)
+
+    hub = Hub(encode, epoch=7)
+    unseen = hub.prepare(_pages(1), resync=True)
+    assert unseen is not None
+    hub.publish(unseen)
+    assert calls == []  # nobody subscribes: nothing encoded
+    late = hub.subscribe(TRACKED)
+    replayed = await late.next()
+    assert isinstance(replayed, Published)
+    assert replayed.frames == [b"7:1"]
+    assert calls == [1]  # encoded when the replay needed it
+    seen = hub.prepare(_pages(2))
+    assert seen is not None
+    assert calls == [1, 2]  # a subscriber is connected: encoded in prepare, off the event loop
+    hub.publish(seen)
+    assert await late.next() is seen

@@ -237,6 +237,8 @@ class Hub:
     def prepare(self, regions: RegionArray, *, resync: bool = False, encode_now: bool = True) -> Published | None:
         """Number a harvest result and encode it (off the event loop); ``None`` when empty.
 
+        The encoding is skipped while nobody subscribes (or with ``encode_now=False``): the
+        frames are then encoded on first use, by a subscriber that replays history.
         Callers serialise prepare+publish pairs (the session's harvest lock), so numbers
         are handed out in publication order.
         """
@@ -246,7 +248,7 @@ class Hub:
         state.prepared_seq = max(state.prepared_seq, state.last_seq) + 1
         delta = Delta(state.epoch, state.prepared_seq, state.prepared_seq, resync, time.time_ns(), regions)
         published = state.wrap(delta)
-        if encode_now:
+        if encode_now and state.subscribers:
             _ = published.frames
         return published
 

@@ -30,6 +30,8 @@ __all__ = [
     "view_message",
 ]
 
+_WIDE_PAIR_BYTES = 16  # the widest encoding of one region
+
 
 def delta_message(
     session_id: str,
@@ -60,24 +62,29 @@ def _fill_delta(
     count: int,
     n_pages: int | None,
 ) -> None:
-    # Filled in place: passing a built message to a constructor copies it, regions included
-    # (a 1 MiB fragment would be copied once more per level of nesting).
+    # Filled in place, regions included: passing a built message to a constructor or to
+    # CopyFrom copies it (a 1 MiB fragment would be copied once more per level of nesting).
     message.session_id = session_id
     message.epoch = delta.epoch
     message.seq = delta.seq
     message.first_seq = delta.first_seq
     message.resync = delta.resync
     message.harvested_at_unix_ns = delta.harvested_at_unix_ns
-    message.regions.CopyFrom(encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE))
+    encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE, out=message.regions)
     message.fragment_index = index
     message.n_fragments = count
-    message.n_regions = delta.n_regions
+    message.n_regions = len(delta.regions)
     message.n_pages = delta.n_pages if n_pages is None else n_pages
 
 
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
-    chunks = split_regions(delta.regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
+    regions = delta.regions
+    # The common delta fits one fragment even at the widest encoding: no split to compute.
+    if len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes:
+        chunks = [regions]
+    else:
+        chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
     n_pages = delta.n_pages
     frames: list[bytes] = []
     for i, chunk in enumerate(chunks):
