@@ -329,10 +329,13 @@ def run(quick: bool) -> Section:
         "row is reported separately (its ratio is dominated by this floor for small scans).",
         "Bare = one ctypes PAGEMAP_SCAN ioctl (WP_MATCHING|CHECK_WPASYNC, mask = return = WRITTEN) into a "
         "preallocated vec big enough for the whole range; same pages re-dirtied (untimed) before each call.",
-        "Where the daemon's harvest misses: the extra time is the encoding (`Hub.prepare` column: "
-        "`wire.delta_frames` packs every region into (gap, n) u32 pairs and a protobuf frame, ~7 ns per region "
-        "warm) plus a few numpy passes in `Tracker.harvest`; right after a scan every one of those calls runs "
-        "with caches the page-table walk evicted, which costs several times their warm time.",
+        "The daemon's extra time is `Tracker.harvest`'s bookkeeping (the page count, and a check that no two "
+        "rows touch) and the encoding (`Hub.prepare` column: `wire.delta_frames` packs the regions into (gap, n) "
+        "u32 pairs in one protobuf frame). Right after a scan every call runs with the caches the page-table walk "
+        "evicted and costs several times its warm time, so the cost is the number of distinct calls, not the "
+        "bytes: both steps are one pass of tracking/_regions.c each (compiled on first use; numpy without a "
+        "compiler), and the frame is filled in place. The hub here has one subscriber: `Hub.prepare` skips the "
+        "encoding while a session has none (its frames are then encoded on first use).",
         f"`Hub.prepare` of one {_size(sizes[0])}, 1 % delta (us): "
         + "; ".join(f"{state}: {stats.fmt(1)}" for state, stats in warmth.items())
         + ". A harvester runs once per tick, i.e. always in the second state on this VM; the gap is the "

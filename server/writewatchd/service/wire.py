@@ -14,6 +14,7 @@ from ..kernel import PAGE_SIZE
 from ..kernel.probe import Capabilities
 from ..tracking.delta import Delta
 from ..tracking.regions import RegionArray, as_regions, n_pages
+from ..tracking.summary import summarize
 from ..tracking.views import View
 from .hub import SessionEnd
 
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _WIDE_PAIR_BYTES = 16  # the widest encoding of one region
+_WIRE_PAGE_SIZE = 0 if PAGE_SIZE == 4096 else PAGE_SIZE  # 0 on the wire means 4 KiB
 
 
 def delta_message(
@@ -61,6 +63,7 @@ def _fill_delta(
     index: int,
     count: int,
     n_pages: int | None,
+    pairs: bytes | None = None,
 ) -> None:
     # Filled in place, regions included: passing a built message to a constructor or to
     # CopyFrom copies it (a 1 MiB fragment would be copied once more per level of nesting).
@@ -70,7 +73,14 @@ def _fill_delta(
     message.first_seq = delta.first_seq
     message.resync = delta.resync
     message.harvested_at_unix_ns = delta.harvested_at_unix_ns
-    encode_regions(delta.regions if regions is None else regions, page_size_bytes=PAGE_SIZE, out=message.regions)
+    chunk = delta.regions if regions is None else regions
+    if pairs is None:
+        encode_regions(chunk, page_size_bytes=PAGE_SIZE, out=message.regions)
+    else:
+        packed = message.regions
+        packed.base_address = int(chunk[0, 0])
+        packed.pairs = pairs
+        packed.page_size_bytes = _WIRE_PAGE_SIZE
     message.fragment_index = index
     message.n_fragments = count
     message.n_regions = len(delta.regions)
@@ -80,16 +90,22 @@ def _fill_delta(
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
     regions = delta.regions
-    # The common delta fits one fragment even at the widest encoding: no split to compute.
+    # The common delta fits one fragment even at the widest encoding: no split to compute,
+    # and one compiled pass gives its page count and its u32 pairs (None: use the codec).
+    pairs: bytes | None = None
     if len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes:
         chunks = [regions]
+        summary = summarize(regions, pairs=True)
+        n_pages, pairs = summary.n_pages, summary.pairs
     else:
         chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
-    n_pages = delta.n_pages
+        n_pages = delta.n_pages
     frames: list[bytes] = []
     for i, chunk in enumerate(chunks):
         response = pb.SubscribeResponse()
-        _fill_delta(response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages)
+        _fill_delta(
+            response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages, pairs=pairs
+        )
         frames.append(response.SerializeToString())
     return frames
 

@@ -39,6 +39,7 @@ from ..kernel import (
     read_maps,
 )
 from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge, n_pages
+from .summary import summarize
 
 __all__ = ["HarvestStatistics", "Tracker", "auto_ranges"]
 
@@ -185,7 +186,7 @@ class Tracker:
                 found = self._harvest_range(start, end)
                 if len(found):
                     chunks.append(found)
-            regions = _union(chunks)
+            regions, n_pages_found = _counted_union(chunks)
             if len(regions) == 0:
                 self._raise_if_exited()
             elapsed_ns = time.perf_counter_ns() - started_ns
@@ -193,9 +194,8 @@ class Tracker:
             stats.n_harvests += 1
             stats.last_harvest_ns = elapsed_ns
             stats.total_harvest_ns += elapsed_ns
-            if len(regions):  # numpy reductions cost more than an idle scan
-                stats.n_regions += len(regions)
-                stats.n_pages += n_pages(regions)
+            stats.n_regions += len(regions)
+            stats.n_pages += n_pages_found
             return regions
 
     def _ranges(self) -> list[tuple[int, int]]:
@@ -321,20 +321,22 @@ class Tracker:
 
 def _union(chunks: list[RegionArray]) -> RegionArray:
     """The merged union of harvest chunks, each sorted and non-overlapping (a scan or the pending set)."""
+    return _counted_union(chunks)[0]
+
+
+def _counted_union(chunks: list[RegionArray]) -> tuple[RegionArray, int]:
+    """:func:`_union` and its page count."""
     if not chunks:
-        return EMPTY
+        return EMPTY, 0
     if len(chunks) == 1:
         # The common case, one range: the kernel already merged adjacent pages, except where
         # its bounce buffer filled up, so a full merge (several passes over every region) is
-        # only needed if two rows touch. Checked with the subtraction and minimum the encoder
-        # runs next: right after a scan every numpy code path not yet run costs tens of us.
-        regions = chunks[0]
-        if len(regions) < 2:
-            return regions
-        flat = regions.reshape(-1)
-        gaps = np.subtract(flat[2::2], flat[1:-1:2])
-        return merge(regions) if int(gaps.min()) == 0 else regions
-    return merge(np.concatenate(chunks))
+        # only needed if two rows touch. One pass counts both (right after a scan every
+        # numpy call costs tens of microseconds).
+        summary = summarize(chunks[0])
+        return (merge(chunks[0]) if summary.n_touching else chunks[0]), summary.n_pages
+    regions = merge(np.concatenate(chunks))
+    return regions, n_pages(regions)
 
 
 def _minus(a: RegionArray, b: RegionArray) -> RegionArray:

@@ -1,0 +1,105 @@
+"""Page count, touching rows and the wire's (gap, n) pairs of a region array, in one call.
+
+The daemon needs these right after each scan (``Tracker.harvest`` and the encoding of a
+delta), when the caches hold what the page-table walk left and every numpy call costs tens
+of microseconds. ``_regions.c`` does all of it in one pass, compiled on first use by
+:mod:`..kernel._compile`; without a compiler the same results come from numpy, and the
+pairs from the wire codec (``pairs`` is then None).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from ..kernel._compile import compile_library
+from ..kernel.pagemap import PAGE_SHIFT
+from .regions import RegionArray, n_pages
+
+__all__ = ["RegionSummary", "summarize"]
+
+_SOURCE = Path(__file__).with_name("_regions.c")
+_U32_MAX = 0xFFFF_FFFF
+_ERRORS = {
+    1: "region bounds must be multiples of the page size",
+    2: "every region must have start < end",
+    3: "regions must be sorted and non-overlapping",
+    4: "base_address is above the first region",
+}
+
+
+class RegionSummary(NamedTuple):
+    """What one pass over a region array found."""
+
+    n_pages: int
+    n_touching: int
+    """Rows that start exactly where the previous one ends (0 for merged regions)."""
+    pairs: bytes | None
+    """The little-endian u32 ``(gap, n)`` pairs in pages from the base, when asked for, compiled and narrow."""
+
+
+class _Summary(ctypes.Structure):
+    _fields_ = [("n_pages", ctypes.c_uint64), ("n_touching", ctypes.c_uint64), ("max_step", ctypes.c_uint64)]
+
+
+@functools.cache
+def _summarize_function() -> Callable[..., int] | None:
+    library = compile_library(_SOURCE, "region summaries use numpy")
+    if library is None:
+        return None
+    library.ww_summary_size.restype = ctypes.c_size_t
+    if library.ww_summary_size() != ctypes.sizeof(_Summary):
+        return None
+    function: Callable[..., int] = library.ww_summarize
+    function.argtypes = [  # type: ignore[attr-defined]
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_uint64,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.POINTER(_Summary),
+    ]
+    function.restype = ctypes.c_int  # type: ignore[attr-defined]
+    return function
+
+
+def summarize(regions: RegionArray, *, base_address: int | None = None, pairs: bool = False) -> RegionSummary:
+    """Count the pages and touching rows of sorted, non-overlapping, page-aligned ``regions``.
+
+    With ``pairs``, also the wire's u32 pairs relative to ``base_address`` (default: the first
+    start). The compiled pass checks the regions on the way (ValueError if they are not
+    sorted, aligned, non-empty rows); the numpy fallback trusts them and gives no pairs.
+    """
+    function = _summarize_function()
+    n_regions = len(regions)
+    interface = regions.__array_interface__
+    if (
+        function is None
+        or n_regions == 0
+        or interface["strides"] is not None  # not C-contiguous
+        or interface["typestr"] != "<u8"
+    ):
+        return _summarize_numpy(regions)
+    # Without pairs the first gap does not matter.
+    base = base_address if base_address is not None else int(regions[0, 0]) if pairs else 0
+    out = ctypes.create_string_buffer(8 * n_regions) if pairs else None
+    summary = _Summary()
+    result = function(interface["data"][0], n_regions, base, PAGE_SHIFT, out, ctypes.byref(summary))
+    if result:
+        raise ValueError(_ERRORS.get(result, f"invalid regions ({result})"))
+    narrow = out is not None and summary.max_step <= _U32_MAX
+    return RegionSummary(summary.n_pages, summary.n_touching, out.raw if narrow and out is not None else None)
+
+
+def _summarize_numpy(regions: RegionArray) -> RegionSummary:
+    """The counts without the compiled pass (no pairs, no validation beyond the page count's)."""
+    if len(regions) < 2:
+        return RegionSummary(n_pages(regions), 0, None)
+    flat = regions.reshape(-1)
+    gaps = np.subtract(flat[2::2], flat[1:-1:2])
+    return RegionSummary(n_pages(regions), len(gaps) - int(np.count_nonzero(gaps)), None)
