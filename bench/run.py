@@ -163,27 +163,21 @@ def _section_key(block: str) -> tuple[int, str]:
     return (int(match.group(1)), match.group(2)) if match else (1 << 30, "")
 
 
-def _update_sections(path: Path, sections: list[Section]) -> str:
-    """``path``'s report with ``sections`` replaced (same title) or inserted in number order; the rest kept.
+def _update_sections(path: Path, sections: list[str]) -> str:
+    """``path``'s report with ``sections`` (Markdown) replaced (same title) or inserted in number order.
 
-    A replaced block keeps what follows its section's last line (the run's total time, the
-    heading of the hand-written notes).
+    Every other section is kept as recorded; a replaced block keeps what follows its
+    section's last line (the run's total time, the heading of the hand-written notes).
     """
     blocks = re.split(r"^(?=## )", path.read_text(), flags=re.MULTILINE)
-    info = common.machine()
-    for section in sections:
-        section.evidence.append(
-            f"_(re-measured alone with `bench/run.py --only ... --update`, {info['date']}, commit {info['commit']}; "
-            "the other sections keep their figures)_"
-        )
-        new = section.markdown().rstrip() + "\n\n"
+    for markdown in sections:
+        new = markdown.rstrip() + "\n\n"
         title = new.split("\n", 1)[0]
         same = [i for i, block in enumerate(blocks) if block.split("\n", 1)[0] == title]
         if same:
             old = blocks[same[0]]
             after = re.search(r"^(Total run time: |# )", old, flags=re.MULTILINE)
-            trailer = old[after.start() :] if after else ""
-            blocks[same[0]] = new + trailer
+            blocks[same[0]] = new + (old[after.start() :] if after else "")
             continue
         key = _section_key(new)
         later = [i for i, block in enumerate(blocks) if block.startswith("## ") and _section_key(block) > key]
@@ -254,7 +248,15 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(parts) + "\n"
     output = args.output or (None if args.quick or args.only else RESULTS)
     if args.update and not args.quick:
-        updated = [section for name, section in zip(names, done, strict=True) if name not in failed]
+        info = common.machine()
+        updated = []
+        for name, section in zip(names, done, strict=True):
+            if name not in failed:
+                section.evidence.append(
+                    f"_(re-measured alone with `bench/run.py --only ... --update`, {info['date']}, commit "
+                    f"{info['commit']}; the other sections keep their figures)_"
+                )
+                updated.append(section.markdown())
         (args.output or RESULTS).write_text(_update_sections(RESULTS, updated))
         print(f"updated {len(updated)} section(s) of {args.output or RESULTS}", file=sys.stderr)
     elif output is not None:

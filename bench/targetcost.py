@@ -133,9 +133,14 @@ def run_writers(quick: bool) -> Section:
         "Wall = barrier release to last join, over all pages (aggregate cost: with perfect scaling it falls "
         f"until N = {n_cpus} CPUs); CPU = the writers' CLOCK_THREAD_CPUTIME_ID summed, per page. Time a writer "
         "spends asleep on a lock shows in wall, not in CPU.",
-        f"This VM has {n_cpus} vCPUs: at most {n_cpus} writers fault at the same time, so contention among more "
-        "threads than that is time-slicing, not parallel faults; a bigger machine is where the mmap_lock and "
-        "shootdown costs of mprotect would grow further.",
+        f"This VM has {n_cpus} vCPUs: at most {n_cpus} writers fault at the same time, so what changes the cost is "
+        f"going from 1 to {n_cpus} writers; more threads than CPUs only take turns. What an mprotect tracker "
+        "serialises per process: every handler's mprotect takes the mmap_lock for writing (blocking the other "
+        "threads' faults), splits or merges a VMA, and flushes the page from the TLB of every other CPU running "
+        "the process (an IPI, a VM exit here); every signal delivery takes the process's shared signal lock. "
+        "The async write-protect fault takes none of them: it is resolved under the VMA's own lock and one "
+        "page-table lock, and a permission upgrade needs no remote flush. This run does not tell those mprotect "
+        "costs apart.",
     ]
     return section
 
