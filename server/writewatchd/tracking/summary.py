@@ -87,13 +87,15 @@ def summarize(regions: RegionArray, *, base_address: int | None = None, pairs: b
         return _summarize_numpy(regions)
     # Without pairs the first gap does not matter.
     base = base_address if base_address is not None else int(regions[0, 0]) if pairs else 0
-    out = ctypes.create_string_buffer(8 * n_regions) if pairs else None
+    # Not zeroed: the pass writes every pair it returns (a ctypes string buffer would be zeroed first).
+    out = np.empty(2 * n_regions, dtype=np.uint32) if pairs else None
+    out_address = None if out is None else out.__array_interface__["data"][0]
     summary = _Summary()
-    result = function(interface["data"][0], n_regions, base, PAGE_SHIFT, out, ctypes.byref(summary))
+    result = function(interface["data"][0], n_regions, base, PAGE_SHIFT, out_address, ctypes.byref(summary))
     if result:
         raise ValueError(_ERRORS.get(result, f"invalid regions ({result})"))
     narrow = out is not None and summary.max_step <= _U32_MAX
-    return RegionSummary(summary.n_pages, summary.n_touching, out.raw if narrow and out is not None else None)
+    return RegionSummary(summary.n_pages, summary.n_touching, out.tobytes() if narrow and out is not None else None)
 
 
 def _summarize_numpy(regions: RegionArray) -> RegionSummary:
