@@ -1,15 +1,8 @@
 """The compiled injection window (``_window.c``): how it is built, loaded, and called.
 
-Build decision: compiled on first use, not at install time. The helper process compiles
-``_window.c`` with ``$CC`` (default ``cc``) into ``$WRITEWATCHD_CACHE_DIR`` (default
-``$XDG_CACHE_HOME/writewatchd``, else ``~/.cache/writewatchd``) under a name that carries the
-hash of the source and the compiler command, so an edited source is rebuilt and an old
-build is never loaded by mistake. It needs no build step in the package (an editable
-install just works) and costs one compilation of about 0.2 s per source change. The helper
-runs as root and loads code from that directory, so the directory must be owned by us and
-writable by nobody else, and so must the library; otherwise, or without a compiler, or if
-the compilation fails, :func:`load` logs one warning and returns None, and the injection
-runs the Python window instead (same decisions, about 2x the stop time).
+Built on first use by :mod:`.._compile` (a private cache, the source's hash in the name); when
+it cannot be built or loaded, :func:`load` returns None and the injection runs the Python
+window instead (same decisions, about 2x the stop time).
 
 :class:`WindowState` mirrors ``struct ww_window``; the C functions return a
 :class:`WindowResult` (``enum ww_result``), and :class:`WindowCall` (``enum ww_call``) names the
@@ -21,13 +14,10 @@ from __future__ import annotations
 import ctypes
 import enum
 import functools
-import hashlib
 import logging
-import os
-import shutil
-import stat
-import subprocess
 from pathlib import Path
+
+from .._compile import compile_library
 
 __all__ = [
     "WW_MAX_HELD",
@@ -80,7 +70,6 @@ _N_REGS = 27
 _MAX_EINTR_PRONE = 31
 
 _SOURCE = Path(__file__).with_name("_window.c")
-_CFLAGS = ("-O2", "-shared", "-fPIC", "-Wall", "-Werror")
 
 
 class WindowState(ctypes.Structure):
@@ -125,51 +114,11 @@ class WindowState(ctypes.Structure):
             self.eintr_prone[index] = nr
 
 
-def _cache_dir() -> Path:
-    configured = os.environ.get("WRITEWATCHD_CACHE_DIR")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "writewatchd"
-
-
-def _private(path: Path) -> bool:
-    """Owned by us and writable by nobody else: safe to load code from."""
-    info = path.stat()
-    return info.st_uid == os.geteuid() and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-
-
-def _build(compiler: str) -> Path:
-    """The compiled library, built if this source and command have not been built before."""
-    command = (compiler, *_CFLAGS)
-    digest = hashlib.sha256(_SOURCE.read_bytes() + "\0".join(command).encode()).hexdigest()[:16]
-    directory = _cache_dir()
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if not _private(directory):
-        raise PermissionError(f"{directory} is writable by others or not ours; not loading code from it")
-    library = directory / f"_window-{digest}.so"
-    if not library.exists():
-        partial = library.with_suffix(f".tmp{os.getpid()}")
-        _log.info("compiling the injection window: %s", " ".join((*command, "-o", str(library), str(_SOURCE))))
-        subprocess.run([*command, "-o", str(partial), str(_SOURCE)], check=True, capture_output=True, timeout=60)
-        partial.rename(library)
-    if not _private(library):
-        raise PermissionError(f"{library} is writable by others or not ours; not loading it")
-    return library
-
-
 @functools.cache
 def load() -> ctypes.CDLL | None:
     """The compiled window, or None (logged once) when it cannot be built or loaded."""
-    compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
-        _log.warning("no C compiler (%s): injections use the slower Python window", compiler)
-        return None
-    try:
-        library = ctypes.CDLL(str(_build(compiler)), use_errno=True)
-    except (OSError, subprocess.SubprocessError) as exc:
-        detail = exc.stderr.decode(errors="replace") if isinstance(exc, subprocess.CalledProcessError) else ""
-        _log.warning("cannot build the injection window (%s%s): injections use the slower Python window", exc, detail)
+    library = compile_library(_SOURCE, "injections use the slower Python window")
+    if library is None:
         return None
     library.ww_size.restype = ctypes.c_size_t
     if library.ww_size() != ctypes.sizeof(WindowState):

@@ -1,0 +1,514 @@
+"""Heat-scheduled scanning: which tracked ranges a tick scans (docs/api.md, "Heat scheduling").
+
+The kernel keeps every written bit until a scan takes it, so scanning a range less often never
+loses a write, it only delays it. A :class:`HeatScheduler` serves the sessions of one tick
+interval. Each session's tracked memory is cut into chunks with a temperature: the fraction
+of their pages found written, decayed with a half-life. Each tick it plans the chunks that
+are due:
+
+- hot chunks (``heat >= hot_fraction``) every tick;
+- warm chunks every ``warm_every_ticks``-th tick;
+- cold chunks (idle sessions are cold everywhere) so that no write waits longer than the
+  session's ``max_staleness_ms`` (a bound of one tick or less scans everything every tick).
+
+When ticks cannot all be served (the caller reports each tick's lateness and work with
+:meth:`HeatScheduler.note_tick`), it sheds load by a level: level 1 scans warm chunks as cold
+ones, each further level doubles the hot interval, never beyond the staleness bound. Every
+chunk becomes due once its age reaches its interval, so no session starves; how far behind
+the nominal schedule each session is (its lag) is in :meth:`HeatScheduler.statistics`.
+
+All state is numpy arrays over the chunks of every session, sorted by session then address,
+so a tick's plan and its bookkeeping cost a few vectorised passes whatever the number of
+sessions; Python touches a session only when its scan found something. Thread-safe (one lock).
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from ..kernel.batchscan import BatchRequests, BatchResult
+from ..kernel.pagemap import PAGE_SIZE
+from .regions import RegionArray, merge
+
+__all__ = [
+    "DEFAULT_MAX_STALENESS_MS",
+    "HeatPolicy",
+    "HeatScheduler",
+    "HeatStatistics",
+    "Temperature",
+    "TickPlan",
+    "pages_per_chunk",
+]
+
+DEFAULT_MAX_STALENESS_MS = 1000
+_MIB = 1 << 20
+_NS_PER_MS = 1_000_000
+
+
+class Temperature(enum.IntEnum):
+    """How often a chunk is scanned."""
+
+    COLD = 0
+    WARM = 1
+    HOT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HeatPolicy:
+    """The scheduler's knobs (the defaults are the daemon's)."""
+
+    #: A chunk at or above this fraction of its pages written (decayed) is hot.
+    hot_fraction: float = 1 / 64
+    #: At or above this it is warm; below, cold.
+    warm_fraction: float = 1 / 16384
+    #: Warm chunks are scanned every this many ticks.
+    warm_every_ticks: int = 4
+    #: Half-life of a chunk's heat.
+    half_life_ms: int = 1000
+    #: Smallest chunk; a session's chunks grow (powers of two) to keep at most ``max_chunks``.
+    min_chunk_bytes: int = 2 * _MIB
+    max_chunks: int = 4096
+    #: Shed level up after a tick late or busy by more than this fraction of the interval...
+    overload_fraction: float = 0.5
+    #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction``.
+    calm_fraction: float = 0.25
+    calm_ticks: int = 20
+
+
+@dataclass(frozen=True, slots=True)
+class HeatStatistics:
+    """One session's scheduling, as of its last tick."""
+
+    max_staleness_ms: int
+    n_chunks: int
+    n_hot_pages: int
+    n_warm_pages: int
+    n_cold_pages: int
+    #: How far behind its nominal schedule the session's most overdue chunk is.
+    lag_ms: float
+    max_lag_ms: float
+    #: Ticks at which the session had a chunk due, and of those, ticks served late (shed or a late tick).
+    n_ticks_due: int
+    n_ticks_late: int
+    #: Chunk scans planned by ticks (not counting full harvests).
+    n_chunk_scans: int
+    #: The scheduler's shed level (0: nominal; shared by the sessions of the tick interval).
+    shed_level: int
+
+
+@dataclass(frozen=True, slots=True)
+class TickPlan:
+    """What one tick scans: :attr:`requests` (adjacent due chunks of a session coalesced).
+
+    ``request_keys[i]`` is the session of request ``i``; its chunks are
+    ``chunk_first[i] .. chunk_first[i] + chunk_count[i] - 1``.
+    """
+
+    now_ns: int
+    requests: BatchRequests
+    request_keys: list[Hashable]
+    chunk_first: npt.NDArray[np.int64]
+    chunk_count: npt.NDArray[np.int64]
+    chunks: npt.NDArray[np.int64]
+    generation: int
+
+    def __len__(self) -> int:
+        return len(self.request_keys)
+
+
+def pages_per_chunk(
+    starts: npt.NDArray[np.uint64], ends: npt.NDArray[np.uint64], regions: RegionArray
+) -> npt.NDArray[np.int64]:
+    """Pages of ``regions`` (sorted, disjoint) inside each chunk ``[starts[i], ends[i])`` (sorted, disjoint)."""
+    if len(regions) == 0 or len(starts) == 0:
+        return np.zeros(len(starts), dtype=np.int64)
+    region_starts = regions[:, 0].astype(np.int64)
+    region_ends = regions[:, 1].astype(np.int64)
+    cumulative = np.concatenate(([0], np.cumsum(region_ends - region_starts)))
+
+    def below(points: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Written bytes below each point."""
+        index = np.searchsorted(region_starts, points, side="right")
+        total = cumulative[index]
+        inside = index > 0
+        overshoot = np.zeros_like(points)
+        overshoot[inside] = np.maximum(region_ends[index[inside] - 1] - points[inside], 0)
+        result: npt.NDArray[np.int64] = total - overshoot
+        return result
+
+    written = below(ends.astype(np.int64)) - below(starts.astype(np.int64))
+    return written // PAGE_SIZE
+
+
+_COUNTERS = ("lag_ns", "max_lag_ns", "n_ticks_due", "n_ticks_late", "n_chunk_scans")
+
+
+@dataclass(slots=True)
+class _Session:
+    key: Hashable
+    fd: int
+    ranges: RegionArray
+    max_staleness_ns: int
+    chunk_bytes: int = 0
+    first: int = 0
+    count: int = 0
+    #: Its row in the scheduler's per-session counters (-1: it has no chunks).
+    row: int = -1
+    #: Counters saved across a rebuild (in the order of _COUNTERS).
+    saved: tuple[int, ...] = (0, 0, 0, 0, 0)
+
+
+def _chunk_bytes(ranges: RegionArray, policy: HeatPolicy) -> int:
+    total = int((ranges[:, 1] - ranges[:, 0]).sum()) if len(ranges) else 0
+    size = policy.min_chunk_bytes
+    while total // size > policy.max_chunks:
+        size *= 2
+    return size
+
+
+def _chunks(ranges: RegionArray, chunk_bytes: int) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """``ranges`` cut at the multiples of ``chunk_bytes`` (stable boundaries as ranges change)."""
+    starts: list[npt.NDArray[np.uint64]] = []
+    ends: list[npt.NDArray[np.uint64]] = []
+    for start, end in ranges.tolist():
+        first_cut = (start // chunk_bytes + 1) * chunk_bytes
+        cuts = np.arange(first_cut, end, chunk_bytes, dtype=np.uint64) if first_cut < end else np.empty(0, np.uint64)
+        starts.append(np.concatenate(([np.uint64(start)], cuts)))
+        ends.append(np.concatenate((cuts, [np.uint64(end)])))
+    if not starts:
+        return np.empty(0, np.uint64), np.empty(0, np.uint64)
+    return np.concatenate(starts), np.concatenate(ends)
+
+
+class HeatScheduler:
+    """Plans the scans of the sessions of one tick interval (see the module docstring)."""
+
+    def __init__(
+        self,
+        tick_interval_ms: int,
+        *,
+        policy: HeatPolicy | None = None,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.tick_interval_ms = tick_interval_ms
+        self.policy = policy or HeatPolicy()
+        self.clock = clock
+        self._tick_ns = tick_interval_ms * _NS_PER_MS
+        self._lock = threading.Lock()
+        self._sessions: dict[Hashable, _Session] = {}
+        self._order: list[_Session] = []
+        self._dirty = False
+        self._generation = 0
+        self.shed_level = 0
+        self._calm_run = 0
+        self.max_shed_level_seen = 0
+        self.n_ticks = 0
+        self.n_ticks_late = 0
+        self._empty_tables()
+        self._owner_firsts = np.empty(0, np.int64)
+        self._counters = np.zeros((0, len(_COUNTERS)), np.int64)
+
+    def _empty_tables(self) -> None:
+        self._session_of = np.empty(0, np.int64)
+        self._fd = np.empty(0, np.int32)
+        self._start = np.empty(0, np.uint64)
+        self._end = np.empty(0, np.uint64)
+        self._n_pages = np.empty(0, np.float64)
+        self._heat = np.empty(0, np.float64)
+        self._heat_ns = np.empty(0, np.int64)
+        self._last_scan_ns = np.empty(0, np.int64)
+        self._staleness_ns = np.empty(0, np.int64)
+
+    # -- sessions
+
+    def add(self, key: Hashable, fd: int, ranges: RegionArray, *, max_staleness_ms: int, scanned: bool = True) -> None:
+        """Schedule a session's ranges (``scanned``: a full harvest just ran, so nothing is due yet)."""
+        with self._lock:
+            self._sessions[key] = _Session(key, fd, merge(ranges), max(0, max_staleness_ms) * _NS_PER_MS)
+            self._rebuild(fresh={key: self.clock() if scanned else 0})
+
+    def remove(self, key: Hashable) -> None:
+        """Stop scheduling a session."""
+        with self._lock:
+            if self._sessions.pop(key, None) is not None:
+                self._rebuild()
+
+    def set_ranges(self, key: Hashable, ranges: RegionArray) -> None:
+        """The session tracks these ranges now; chunks that stay keep their heat and age, new ones are due at once."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                return
+            session.ranges = merge(ranges)
+            self._rebuild()
+
+    def set_max_staleness(self, key: Hashable, max_staleness_ms: int) -> None:
+        """Change a session's staleness bound."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is not None:
+                session.max_staleness_ns = max(0, max_staleness_ms) * _NS_PER_MS
+                self._staleness_ns[session.first : session.first + session.count] = session.max_staleness_ns
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._sessions
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def _rebuild(self, fresh: dict[Hashable, int] | None = None) -> None:
+        """Re-cut every session's chunks, carrying heat and last scan over by address."""
+        self._save_counters()
+        old = (self._session_of, self._start, self._heat, self._heat_ns, self._last_scan_ns)
+        old_index = {id(s): i for i, s in enumerate(self._order)}
+        order = list(self._sessions.values())
+        columns: dict[str, list[npt.NDArray[np.generic]]] = {
+            name: [] for name in ("sid", "fd", "start", "end", "heat", "heat_ns", "last", "stale")
+        }
+        position = 0
+        for index, session in enumerate(order):
+            session.chunk_bytes = _chunk_bytes(session.ranges, self.policy)
+            starts, ends = _chunks(session.ranges, session.chunk_bytes)
+            n = len(starts)
+            heat = np.zeros(n, np.float64)
+            heat_ns = np.zeros(n, np.int64)
+            last = np.zeros(n, np.int64)
+            if fresh is not None and session.key in fresh:
+                last[:] = fresh[session.key]
+            elif id(session) in old_index and n:
+                # Chunks of the same start carry over; a new chunk keeps age 0 scans (due now).
+                mine = old[0] == old_index[id(session)]
+                old_starts = old[1][mine]
+                where = np.searchsorted(old_starts, starts)
+                found = (where < len(old_starts)) & (old_starts[np.minimum(where, len(old_starts) - 1)] == starts)
+                source = np.flatnonzero(mine)[where[found]]
+                heat[found] = old[2][source]
+                heat_ns[found] = old[3][source]
+                last[found] = old[4][source]
+            columns["sid"].append(np.full(n, index, np.int64))
+            columns["fd"].append(np.full(n, session.fd, np.int32))
+            columns["start"].append(starts)
+            columns["end"].append(ends)
+            columns["heat"].append(heat)
+            columns["heat_ns"].append(heat_ns)
+            columns["last"].append(last)
+            columns["stale"].append(np.full(n, session.max_staleness_ns, np.int64))
+            session.first, session.count = position, n
+            position += n
+        self._order = order
+        if not order:
+            self._empty_tables()
+        else:
+            self._session_of = np.concatenate(columns["sid"]).astype(np.int64)
+            self._fd = np.concatenate(columns["fd"]).astype(np.int32)
+            self._start = np.concatenate(columns["start"]).astype(np.uint64)
+            self._end = np.concatenate(columns["end"]).astype(np.uint64)
+            self._n_pages = ((self._end - self._start) // np.uint64(PAGE_SIZE)).astype(np.float64)
+            self._heat = np.concatenate(columns["heat"]).astype(np.float64)
+            self._heat_ns = np.concatenate(columns["heat_ns"]).astype(np.int64)
+            self._last_scan_ns = np.concatenate(columns["last"]).astype(np.int64)
+            self._staleness_ns = np.concatenate(columns["stale"]).astype(np.int64)
+        # Per-session counters, one row per session that has chunks (what reduceat yields).
+        owners = [session for session in order if session.count]
+        for row, session in enumerate(owners):
+            session.row = row
+        self._owner_firsts = np.array([session.first for session in owners], np.int64)
+        self._counters = np.array([session.saved for session in owners], np.int64).reshape(len(owners), len(_COUNTERS))
+        self._generation += 1
+
+    def _save_counters(self) -> None:
+        for session in self._order:
+            if session.row >= 0:
+                session.saved = tuple(self._counters[session.row].tolist())
+            session.row = -1
+
+    # -- temperatures and intervals
+
+    def _heat_at(self, now_ns: int, index: npt.NDArray[np.int64] | slice = slice(None)) -> npt.NDArray[np.float64]:
+        elapsed = np.maximum(now_ns - self._heat_ns[index], 0).astype(np.float64)
+        decayed: npt.NDArray[np.float64] = self._heat[index] * np.exp2(
+            -elapsed / (self.policy.half_life_ms * _NS_PER_MS)
+        )
+        return decayed
+
+    def _temperatures(self, heat: npt.NDArray[np.float64]) -> npt.NDArray[np.int8]:
+        policy = self.policy
+        temperature = np.zeros(len(heat), np.int8)
+        temperature[heat >= policy.warm_fraction] = Temperature.WARM
+        temperature[heat >= policy.hot_fraction] = Temperature.HOT
+        return temperature
+
+    def _intervals(self, temperature: npt.NDArray[np.int8], level: int) -> npt.NDArray[np.int64]:
+        """Scan interval of each chunk at shed ``level`` (capped by its staleness bound)."""
+        tick = self._tick_ns
+        hot = tick << max(0, level - 1)
+        warm = self._staleness_ns if level >= 1 else np.int64(tick * self.policy.warm_every_ticks)
+        intervals = np.where(
+            temperature == Temperature.HOT, hot, np.where(temperature == Temperature.WARM, warm, self._staleness_ns)
+        )
+        result: npt.NDArray[np.int64] = np.minimum(intervals, self._staleness_ns)
+        return result
+
+    # -- ticks
+
+    def plan(self, now_ns: int | None = None, *, late_ns: int = 0, skip: frozenset[Hashable] = frozenset()) -> TickPlan:
+        """The requests of this tick, which started ``late_ns`` late (sessions in ``skip`` wait for the next)."""
+        with self._lock:
+            now = self.clock() if now_ns is None else now_ns
+            n = len(self._start)
+            if n == 0:
+                return _empty_plan(now, self._generation)
+            temperature = self._temperatures(self._heat_at(now))
+            age = now - self._last_scan_ns
+            # Half a tick of slack: a chunk due "around now" is scanned now, not a tick later.
+            reach = age + self._tick_ns + self._tick_ns // 2
+            due = reach > self._intervals(temperature, self.shed_level)
+            nominal_due = reach > self._intervals(temperature, 0) if self.shed_level else due
+            lag = np.maximum(age - self._intervals(temperature, 0), 0)
+            self._note_sessions(due, nominal_due, lag, late_ns > self._tick_ns // 2)
+            if skip:
+                for key in skip:
+                    session = self._sessions.get(key)
+                    if session is not None:
+                        due[session.first : session.first + session.count] = False
+            chunks = np.flatnonzero(due)
+            if len(chunks) == 0:
+                return _empty_plan(now, self._generation)
+            # Coalesce: a due chunk continues the previous request when it is the next chunk of
+            # the same session and starts where that one ends.
+            continues = np.zeros(len(chunks), bool)
+            if len(chunks) > 1:
+                previous, current = chunks[:-1], chunks[1:]
+                continues[1:] = (
+                    (current == previous + 1)
+                    & (self._session_of[current] == self._session_of[previous])
+                    & (self._start[current] == self._end[previous])
+                )
+            heads = np.flatnonzero(~continues)
+            first = chunks[heads]
+            last = chunks[np.append(heads[1:], len(chunks)) - 1]
+            requests = BatchRequests(self._fd[first], self._start[first], self._end[last])
+            keys = [self._order[i].key for i in self._session_of[first].tolist()]
+            return TickPlan(
+                now,
+                requests,
+                keys,
+                first.astype(np.int64),
+                (last - first + 1).astype(np.int64),
+                chunks,
+                self._generation,
+            )
+
+    def _note_sessions(
+        self, due: npt.NDArray[np.bool_], nominal_due: npt.NDArray[np.bool_], lag: npt.NDArray[np.int64], late: bool
+    ) -> None:
+        """Per-session counters of this tick, in a few vectorised passes."""
+        firsts = self._owner_firsts
+        if not len(firsts):
+            return
+        counters = self._counters
+        any_due = np.logical_or.reduceat(nominal_due, firsts)
+        shed = np.logical_or.reduceat(nominal_due & ~due, firsts) | late
+        lags = np.maximum.reduceat(lag, firsts)
+        counters[:, 0] = lags
+        np.maximum(counters[:, 1], lags, out=counters[:, 1])
+        counters[:, 2] += any_due
+        counters[:, 3] += any_due & shed
+        counters[:, 4] += np.add.reduceat(due.astype(np.int64), firsts)
+
+    def complete(self, plan: TickPlan, result: BatchResult) -> None:
+        """Record what a planned tick scanned and found (failed requests count as scanned)."""
+        with self._lock:
+            if plan.generation != self._generation or len(plan) == 0:
+                return  # the chunks changed meanwhile: the heat of this tick is dropped, ages stay conservative
+            chunks = plan.chunks
+            self._heat[chunks] = self._heat_at(plan.now_ns, chunks)
+            self._heat_ns[chunks] = plan.now_ns
+            self._last_scan_ns[chunks] = plan.now_ns
+            for index in result.with_news().tolist():
+                first = int(plan.chunk_first[index])
+                span = slice(first, first + int(plan.chunk_count[index]))
+                written = pages_per_chunk(self._start[span], self._end[span], merge(result.regions_of(index)))
+                self._heat[span] += written / self._n_pages[span]
+
+    def note_full_scan(self, key: Hashable, regions: RegionArray, started_ns: int) -> None:
+        """A full harvest of the session (flush, harvest, view) that started at ``started_ns`` found ``regions``."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None or session.count == 0:
+                return
+            span = slice(session.first, session.first + session.count)
+            heat = self._heat_at(started_ns, np.arange(span.start, span.stop))
+            written = pages_per_chunk(self._start[span], self._end[span], regions) if len(regions) else 0
+            self._heat[span] = heat + written / self._n_pages[span]
+            self._heat_ns[span] = started_ns
+            self._last_scan_ns[span] = np.maximum(self._last_scan_ns[span], started_ns)
+
+    def note_tick(self, late_ns: int, busy_ns: int) -> None:
+        """How late a tick started and how long its work took: moves the shed level."""
+        policy = self.policy
+        load = max(late_ns, busy_ns) / self._tick_ns
+        self.n_ticks += 1
+        if late_ns > self._tick_ns // 2:
+            self.n_ticks_late += 1
+        if load > policy.overload_fraction:
+            self._calm_run = 0
+            if self.shed_level < self._max_level():
+                self.shed_level += 1
+                self.max_shed_level_seen = max(self.max_shed_level_seen, self.shed_level)
+        elif load < policy.calm_fraction:
+            self._calm_run += 1
+            if self._calm_run >= policy.calm_ticks and self.shed_level:
+                self.shed_level -= 1
+                self._calm_run = 0
+        else:
+            self._calm_run = 0
+
+    def _max_level(self) -> int:
+        """The level past which nothing more can be shed (hot intervals reach the largest bound)."""
+        bound = max((s.max_staleness_ns for s in self._order), default=0)
+        level = 1
+        while (self._tick_ns << max(0, level - 1)) < bound:
+            level += 1
+        return level
+
+    def statistics(self, key: Hashable) -> HeatStatistics | None:
+        """One session's scheduling (None when it is not scheduled here)."""
+        with self._lock:
+            session = self._sessions.get(key)
+            if session is None:
+                return None
+            span = slice(session.first, session.first + session.count)
+            temperature = self._temperatures(self._heat_at(self.clock(), np.arange(span.start, span.stop)))
+            pages = self._n_pages[span]
+            counters = self._counters[session.row].tolist() if session.row >= 0 else list(session.saved)
+            lag_ns, max_lag_ns, n_ticks_due, n_ticks_late, n_chunk_scans = counters
+            return HeatStatistics(
+                max_staleness_ms=session.max_staleness_ns // _NS_PER_MS,
+                n_chunks=session.count,
+                n_hot_pages=int(pages[temperature == Temperature.HOT].sum()),
+                n_warm_pages=int(pages[temperature == Temperature.WARM].sum()),
+                n_cold_pages=int(pages[temperature == Temperature.COLD].sum()),
+                lag_ms=lag_ns / _NS_PER_MS,
+                max_lag_ms=max_lag_ns / _NS_PER_MS,
+                n_ticks_due=n_ticks_due,
+                n_ticks_late=n_ticks_late,
+                n_chunk_scans=n_chunk_scans,
+                shed_level=self.shed_level,
+            )
+
+    def max_lag_ms(self) -> float:
+        """The lag of the most overdue session as of the last tick."""
+        return float(self._counters[:, 0].max()) / _NS_PER_MS if len(self._counters) else 0.0
+
+
+def _empty_plan(now_ns: int, generation: int) -> TickPlan:
+    nothing = np.empty(0, np.int64)
+    return TickPlan(now_ns, BatchRequests([], [], []), [], nothing, nothing, nothing, generation)
