@@ -6,11 +6,13 @@ import os
 import signal
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 
 from targets import PAGE, CoopTarget
 from writewatchd import InvalidRange, ProcessGone, UsageError
 from writewatchd.kernel import ProcessIdentity, Userfaultfd
+from writewatchd.kernel.batchscan import BatchRequests, BatchScanner
 from writewatchd.tracking.regions import as_regions
 from writewatchd.tracking.tracker import Tracker
 
@@ -154,3 +156,47 @@ def test_fork_leaves_the_parent_tracking_exact(target: CoopTarget) -> None:
         assert target.pages(tracker.harvest()) == {3, 60}
     finally:
         os.kill(child, signal.SIGKILL)  # the target reaps it; it is not our child
+
+
+def _batched_tick(tracker: Tracker, scanner: BatchScanner, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """One daemon-style tick of ``ranges``: check, one batched scan, settle."""
+    tracker.check()
+    requests = BatchRequests([tracker.pagemap_fd] * len(ranges), [s for s, _ in ranges], [e for _, e in ranges])
+    result = scanner.harvest(requests)
+    found = [result.regions_of(i) for i in range(len(ranges)) if not result.errors[i]]
+    failed = [(s, e, int(result.errors[i])) for i, (s, e) in enumerate(ranges) if result.errors[i]]
+    return tracker.settle(found, failed)
+
+
+def test_batched_ticks_of_some_ranges_then_a_full_harvest_report_exactly_the_writes(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    scanner = BatchScanner()
+    assert target.pages(_batched_tick(tracker, scanner, [])) == set(range(128))  # the new range, pending
+    half = target.base + 64 * PAGE
+    written = target.random_writes(3, 40)
+    first = target.pages(_batched_tick(tracker, scanner, [(target.base, half)]))
+    assert first == {p for p in written if p < 64}
+    assert target.pages(tracker.harvest()) == {p for p in written if p >= 64}
+    assert tracker.statistics.n_harvests == 3
+
+
+def test_a_batched_scan_of_a_vanished_registration_reports_the_range_and_tracks_again(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    scanner = BatchScanner()
+    tracker.harvest()
+    generation = tracker.ranges_generation
+    target.command("u 10 4")  # munmap + fresh mapping: the registration of pages 10..13 is gone
+    whole = [(target.base, target.end)]
+    assert _batched_tick(tracker, scanner, whole).tolist() == [[target.base, target.end]]
+    assert tracker.statistics.n_ranges_lost == 1 and tracker.ranges_generation > generation
+    target.write(11)
+    assert target.pages(_batched_tick(tracker, scanner, [(s, e) for s, e in tracker.tracked.tolist()])) == {11}
+
+
+def test_a_batched_scan_after_exit_raises_process_gone(target: CoopTarget) -> None:
+    tracker = _tracker(target)
+    scanner = BatchScanner()
+    tracker.harvest()
+    target.exit()
+    with pytest.raises(ProcessGone):
+        _batched_tick(tracker, scanner, [(target.base, target.end)])

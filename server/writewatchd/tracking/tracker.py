@@ -6,11 +6,17 @@ range starts as entirely written, because no consumer has seen its content.
 
 Synchronous and blocking by design (each call is a few ioctls); the daemon runs it in a
 thread pool. A lock serialises calls, so a tick harvest and an on-demand one never interleave.
+
+Two ways to harvest: :meth:`Tracker.harvest` scans every tracked range; the daemon's ticks
+scan only the ranges a :class:`~.heat.HeatScheduler` says are due, many trackers in one
+:class:`~writewatchd.kernel.batchscan.BatchScanner` call on :attr:`Tracker.pagemap_fd`, and
+hand what each found to :meth:`Tracker.settle` (which applies the same failure rules).
 """
 
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections.abc import Iterable
@@ -102,6 +108,8 @@ class Tracker:
         self._pending_written = RegionSet()
         self._ranges_of: RegionArray | None = None
         self._ranges_list: list[tuple[int, int]] = []
+        self.ranges_generation = 0
+        """Bumped whenever the tracked ranges change (a scheduler re-reads :attr:`tracked` then)."""
         self._process = ProcessHandle(identity.pid)
         try:
             self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
@@ -136,6 +144,16 @@ class Tracker:
     def mm_fingerprint(self) -> tuple[int, ...]:
         """The mm fingerprint of the program this tracker's userfaultfd belongs to (kernel.md §8.3)."""
         return self._mm_fingerprint
+
+    @property
+    def pagemap_fd(self) -> int:
+        """The open ``/proc/PID/pagemap`` (for a batched scan; do not close)."""
+        return self._scanner.fileno()
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether newly tracked ranges wait to be reported as written by the next harvest or settle."""
+        return len(self._pending_written) > 0
 
     def has_exited(self) -> bool:
         """Whether the target has exited (a zombie counts); never blocks."""
@@ -207,6 +225,44 @@ class Tracker:
             self._ranges_list = [(start, end) for start, end in regions.tolist()]
         return self._ranges_list
 
+    def check(self, now_ns: int | None = None) -> None:
+        """What a harvest does before scanning, for a batched tick: the exec check (at most once
+        a second) and, in auto mode, following ``/proc/PID/maps``. Raises :class:`ProcessGone`."""
+        with self._lock:
+            self._check_same_mm(time.perf_counter_ns() if now_ns is None else now_ns)
+            if self.auto:
+                self._refresh_auto()
+
+    def settle(
+        self, found: list[RegionArray], failed: list[tuple[int, int, int]], *, elapsed_ns: int = 0
+    ) -> RegionArray:
+        """The written pages of a batched scan of some tracked ranges, as :meth:`harvest` returns them.
+
+        ``found`` holds what the scans found; ``failed`` the ``(start, end, errno)`` of each scan
+        that failed, which is handled as :meth:`harvest` handles it (a range whose registration
+        vanished is re-registered and reported written; an exited target raises
+        :class:`ProcessGone`, also when nothing was found). Ranges registered since the last
+        harvest are added.
+        """
+        with self._lock:
+            chunks = [regions for regions in found if len(regions)]
+            if len(self._pending_written):
+                chunks.append(self._pending_written.regions)
+                self._pending_written.clear()
+            for start, end, error in failed:
+                chunks.append(self._scan_failed(start, end, _kernel_error(error, start, end)))
+            regions = _union(chunks) if len(chunks) != 1 else merge(chunks[0])
+            if len(regions) == 0:
+                self._raise_if_exited()
+            stats = self.statistics
+            stats.n_harvests += 1
+            stats.last_harvest_ns = elapsed_ns
+            stats.total_harvest_ns += elapsed_ns
+            if len(regions):
+                stats.n_regions += len(regions)
+                stats.n_pages += n_pages(regions)
+            return regions
+
     def scan(self, start: int, end: int, **masks: int) -> ScanResult:
         """A read-only PAGEMAP_SCAN of the target with any masks (no write-protect)."""
         if masks.get("flags"):
@@ -242,20 +298,23 @@ class Tracker:
     def _harvest_range(self, start: int, end: int) -> RegionArray:
         try:
             return self._scanner.harvest(start, end)
-        except NotRegistered:
-            # An exit tears the mappings down under the scan: nothing is left to report.
-            self._raise_if_exited()
+        except KernelError as exc:
+            return self._scan_failed(start, end, exc)
+
+    def _scan_failed(self, start: int, end: int, exc: KernelError) -> RegionArray:
+        """What a failed harvest of ``[start, end)`` reports (raises ProcessGone once the target is gone)."""
+        if isinstance(exc, ProcessGone):
+            raise exc
+        # An exit tears the mappings down under the scan: nothing is left to report.
+        self._raise_if_exited()
+        if isinstance(exc, NotRegistered):
             # munmap/mremap/fd reuse dropped part of the registration, and the failed walk
             # may have re-protected pages it could not report: the whole range is written.
             self.statistics.n_ranges_lost += 1
             self._reregister(start, end)
-            return as_regions([(start, end)])
-        except ProcessGone:
-            raise
-        except KernelError as exc:
-            self._raise_if_exited()
+        else:
             self._note(f"harvest [0x{start:x}, 0x{end:x}): {exc}")
-            return as_regions([(start, end)])
+        return as_regions([(start, end)])
 
     def _refresh_auto(self) -> None:
         wanted = RegionSet(auto_ranges(self.pid))
@@ -290,11 +349,13 @@ class Tracker:
         span = as_regions([(start, end)])
         self._registered.add(span)
         self._pending_written.add(span)
+        self.ranges_generation += 1
 
     def _unregister(self, start: int, end: int) -> None:
         span = as_regions([(start, end)])
         self._registered.discard(span)
         self._pending_written.discard(span)
+        self.ranges_generation += 1
         try:
             self._uffd.unregister(start, end - start)
         except ProcessGone:
@@ -305,6 +366,7 @@ class Tracker:
     def _reregister(self, start: int, end: int) -> None:
         span = as_regions([(start, end)])
         self._registered.discard(span)
+        self.ranges_generation += 1
         mapped = RegionSet(
             as_regions([(m.start, m.end) for m in read_maps(self.pid) if m.start < end and start < m.end])
         ).clip(start, end)
@@ -317,6 +379,12 @@ class Tracker:
         errors = self.statistics.last_errors
         errors.append(message)
         del errors[:-8]
+
+
+def _kernel_error(error: int, start: int, end: int) -> KernelError:
+    """The exception :meth:`PagemapScanner.harvest` raises for ``error`` (one errno mapping for both paths)."""
+    classes: dict[int, type[KernelError]] = {errno.EPERM: NotRegistered, errno.ESRCH: ProcessGone}
+    return classes.get(error, KernelError)(error, f"PAGEMAP_SCAN [0x{start:x}, 0x{end:x}): {os.strerror(error)}")
 
 
 def _union(chunks: list[RegionArray]) -> RegionArray:
