@@ -21,9 +21,17 @@ def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 def attach(
     client: writewatch.Client, target: CoopTarget, ranges: list[tuple[int, int]] | None = None, tick_ms: int = 10
 ) -> writewatch.Session:
-    """Track the target cooperatively; returns once the first delta (new ranges, all written) is out."""
+    """Track the target cooperatively; returns once the first delta (new ranges, all written) is out.
+
+    Every range is scanned every tick (``max_staleness_ms=0``): the recording tests time their
+    writes against ticks, and a cold range's write may otherwise arrive up to a second later.
+    """
     session = client.attach(
-        target.pid, ranges=ranges or [(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=tick_ms
+        target.pid,
+        ranges=ranges or [(target.base, target.end)],
+        uffd_fd=target.uffd_fd,
+        tick_interval_ms=tick_ms,
+        max_staleness_ms=0,
     )
     deadline = time.monotonic() + 10
     while session.info().last_seq < 1:

@@ -102,12 +102,15 @@ class Client:
         labels: Mapping[str, str] | None = None,
         follow_exec: bool = True,
         follow_children: bool = False,
+        max_staleness_ms: int | None = None,
     ) -> Session:
         """Track a running process: cooperative with the target's ``uffd_fd``, else by injection.
 
         ``follow_exec``: continue through execve in a new epoch starting with a RESYNC (auto
         ranges only); ``follow_children``: each child process becomes a session of its own,
-        with ``parent_session_id`` and these labels.
+        with ``parent_session_id`` and these labels. ``max_staleness_ms``: the longest a write
+        may wait for a tick to scan its range (heat scheduling; None: the daemon's default,
+        1000; 0: every range every tick).
         """
         request = attach_request(
             pid,
@@ -117,6 +120,7 @@ class Client:
             labels=labels,
             follow_exec=follow_exec,
             follow_children=follow_children,
+            max_staleness_ms=max_staleness_ms,
         )
         return Session(self, self._call(self._stub.CreateSession, request))
 
@@ -131,6 +135,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         follow_exec: bool = True,
         follow_children: bool = False,
+        max_staleness_ms: int | None = None,
     ) -> Session:
         """Start ``argv`` under tracking from its first instruction (env/cwd default to the daemon's).
 
@@ -146,6 +151,7 @@ class Client:
             labels=labels,
             follow_exec=follow_exec,
             follow_children=follow_children,
+            max_staleness_ms=max_staleness_ms,
         )
         return Session(self, self._call(self._stub.CreateSession, request))
 

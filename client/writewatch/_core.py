@@ -45,6 +45,7 @@ def attach_request(
     labels: Mapping[str, str] | None,
     follow_exec: bool,
     follow_children: bool,
+    max_staleness_ms: int | None = None,
 ) -> pb.CreateSessionRequest:
     """CreateSession for a running process: cooperative with the target's ``uffd_fd``, else by injection."""
     mode = AttachMode.COOPERATIVE if uffd_fd is not None else AttachMode.INJECT
@@ -57,6 +58,7 @@ def attach_request(
         labels=labels,
         follow_exec=follow_exec,
         follow_children=follow_children,
+        max_staleness_ms=max_staleness_ms,
     )
 
 
@@ -70,6 +72,7 @@ def spawn_request(
     labels: Mapping[str, str] | None,
     follow_exec: bool,
     follow_children: bool,
+    max_staleness_ms: int | None = None,
 ) -> pb.CreateSessionRequest:
     """CreateSession for a program the daemon starts; raises ValueError without a program."""
     if not argv:
@@ -85,6 +88,7 @@ def spawn_request(
         labels=labels,
         follow_exec=follow_exec,
         follow_children=follow_children,
+        max_staleness_ms=max_staleness_ms,
     )
 
 

@@ -73,6 +73,10 @@ class Delta:
     """0 for a whole delta; for one fragment (see :func:`writewatch.decode_delta`), its index."""
     n_fragments: int = 1
     """1 for a whole delta; for one fragment, how many make the delta (join with ``FragmentAssembler``)."""
+    covered: Regions | None = field(default=None, repr=False)
+    """What the harvest scanned (the coverage rule): None when it scanned every tracked range;
+    else the ranges a heat-scheduled tick scanned. Every write to them completed before the
+    harvest is in this delta or an earlier one."""
 
     @property
     def n_regions(self) -> int:

@@ -64,8 +64,9 @@ def create_request(
     labels: Mapping[str, str] | None = None,
     follow_exec: bool = True,
     follow_children: bool = False,
+    max_staleness_ms: int | None = None,
 ) -> pb.CreateSessionRequest:
-    """The CreateSession request for attach or spawn."""
+    """The CreateSession request for attach or spawn (``max_staleness_ms`` None: the daemon's default)."""
     request = pb.CreateSessionRequest(
         pid=pid,
         attach_mode=attach_mode,  # type: ignore[arg-type]
@@ -79,6 +80,8 @@ def create_request(
     )
     if uffd_fd is not None:
         request.uffd_fd = uffd_fd
+    if max_staleness_ms is not None:
+        request.max_staleness_ms = max_staleness_ms
     if isinstance(ranges, str):
         if ranges != "auto":
             raise ValueError(f'ranges must be a sequence of (start, end) or "auto", not {ranges!r}')
@@ -116,6 +119,7 @@ def delta_from_pb(message: pb.Delta, regions: Regions | None = None) -> Delta:
         page_size_bytes=message.regions.page_size_bytes or DEFAULT_PAGE_SIZE_BYTES,
         fragment_index=fragment_index,
         n_fragments=n_fragments,
+        covered=decode_regions(message.covered) if message.partial else None,
     )
 
 
@@ -133,6 +137,10 @@ def delta_to_pb(delta: Delta) -> pb.Delta:
         n_fragments=1,
         n_regions=len(delta.regions),
         n_pages=count_pages(delta.regions, delta.page_size_bytes),
+        partial=delta.covered is not None,
+        covered=encode_regions(delta.covered, page_size_bytes=delta.page_size_bytes)
+        if delta.covered is not None
+        else None,
     )
 
 
@@ -197,10 +205,13 @@ class FragmentAssembler:
         self._resync |= part.resync
         if part.fragment_index + 1 < part.n_fragments:
             return None
-        parts, resync = self._parts, self._resync
+        parts, resync, first = self._parts, self._resync, self._first
         self.reset()
         regions = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return dataclasses.replace(part, regions=regions, resync=resync, fragment_index=0, n_fragments=1)
+        covered = first.covered if first is not None else None  # the first fragment carries it
+        return dataclasses.replace(
+            part, regions=regions, resync=resync, fragment_index=0, n_fragments=1, covered=covered
+        )
 
 
 class FragmentCollector:

@@ -99,6 +99,14 @@ FollowExecOption = Annotated[
         help="Continue through execve in a new epoch (auto ranges); --no-follow-exec ends the session EXECED.",
     ),
 ]
+StalenessOption = Annotated[
+    int | None,
+    typer.Option(
+        "--max-staleness-ms",
+        min=0,
+        help="Longest a write may wait for a tick to scan its range (default: the daemon's, 1000; 0: every tick).",
+    ),
+]
 FollowChildrenOption = Annotated[
     bool,
     typer.Option("--follow-children", help="Track every child process in a session of its own (and theirs)."),
@@ -336,6 +344,7 @@ def attach(
     labels: LabelOption = None,
     follow_exec: FollowExecOption = True,
     follow_children: FollowChildrenOption = False,
+    max_staleness_ms: StalenessOption = None,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -349,6 +358,7 @@ def attach(
             labels=parse_pairs(labels, "label"),
             follow_exec=follow_exec,
             follow_children=follow_children,
+            max_staleness_ms=max_staleness_ms,
         )
         _print_created(session, as_json)
 
@@ -368,6 +378,7 @@ def spawn(
     labels: LabelOption = None,
     follow_exec: FollowExecOption = True,
     follow_children: FollowChildrenOption = False,
+    max_staleness_ms: StalenessOption = None,
     address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -387,6 +398,7 @@ def spawn(
             labels=parse_pairs(labels, "label"),
             follow_exec=follow_exec,
             follow_children=follow_children,
+            max_staleness_ms=max_staleness_ms,
         )
         _print_created(session, as_json)
 

@@ -177,7 +177,7 @@ def test_batched_ticks_of_some_ranges_then_a_full_harvest_report_exactly_the_wri
     first = target.pages(_batched_tick(tracker, scanner, [(target.base, half)]))
     assert first == {p for p in written if p < 64}
     assert target.pages(tracker.harvest()) == {p for p in written if p >= 64}
-    assert tracker.statistics.n_harvests == 3
+    assert tracker.statistics.n_harvests == 1  # harvest() calls; a scheduler counts batched scans
 
 
 def test_a_batched_scan_of_a_vanished_registration_reports_the_range_and_tracks_again(target: CoopTarget) -> None:

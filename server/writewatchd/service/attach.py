@@ -59,6 +59,8 @@ class SessionSpec:
     owner: str = ""
     follow_exec: bool = True
     follow_children: bool = False
+    max_staleness_ms: int | None = None
+    """None: the daemon's default."""
 
 
 class NotFollowable(WriteWatchError):

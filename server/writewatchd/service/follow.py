@@ -58,6 +58,8 @@ class PendingChild:
     tick_interval_ms: int
     owner: str = ""
     """Who created the tree's root session: its children are theirs too."""
+    max_staleness_ms: int = 1000
+    """The parent's staleness bound: a child's session gets it too."""
     exec_seen: bool = False
     waiting_for_exec: bool = False
     """A vfork child still sharing its parent's memory: adopted at its exec."""

@@ -186,7 +186,9 @@ class Subscriber:
 
 
 def _replace_regions(delta: Delta, regions: RegionArray) -> Delta:
-    return Delta(delta.epoch, delta.seq, delta.first_seq, delta.resync, delta.harvested_at_unix_ns, regions)
+    return Delta(
+        delta.epoch, delta.seq, delta.first_seq, delta.resync, delta.harvested_at_unix_ns, regions, delta.covered
+    )
 
 
 class Hub:
@@ -234,11 +236,20 @@ class Hub:
         """Deltas queued for the connected subscribers, all together."""
         return sum(subscriber.statistics().n_queued for subscriber in self._state.subscribers)
 
-    def prepare(self, regions: RegionArray, *, resync: bool = False, encode_now: bool = True) -> Published | None:
+    def prepare(
+        self,
+        regions: RegionArray,
+        *,
+        resync: bool = False,
+        encode_now: bool = True,
+        covered: RegionArray | None = None,
+    ) -> Published | None:
         """Number a harvest result and encode it (off the event loop); ``None`` when empty.
 
         The encoding is skipped while nobody subscribes (or with ``encode_now=False``): the
         frames are then encoded on first use, by a subscriber that replays history.
+        ``covered``: the ranges the harvest scanned, None for all (:class:`Delta`).
+
         Callers serialise prepare+publish pairs (the session's harvest lock), so numbers
         are handed out in publication order.
         """
@@ -246,7 +257,7 @@ class Hub:
             return None
         state = self._state
         state.prepared_seq = max(state.prepared_seq, state.last_seq) + 1
-        delta = Delta(state.epoch, state.prepared_seq, state.prepared_seq, resync, time.time_ns(), regions)
+        delta = Delta(state.epoch, state.prepared_seq, state.prepared_seq, resync, time.time_ns(), regions, covered)
         published = state.wrap(delta)
         if encode_now and state.subscribers:
             _ = published.frames

@@ -44,11 +44,33 @@ class _SessionCollector(Collector):
         evictions = CounterMetricFamily(
             "writewatchd_evictions", "Subscribers evicted for not reading in time", labels=labels
         )
+        lag = GaugeMetricFamily(
+            "writewatchd_scan_lag_seconds",
+            "How far behind its nominal scan schedule a session's most overdue range is (heat scheduling)",
+            labels=labels,
+        )
+        late = CounterMetricFamily(
+            "writewatchd_ticks_late",
+            "Ticks that served a session late: load shed, or the tick itself started late",
+            labels=labels,
+        )
         for session in active:
             subscribers.add_metric([session.session_id], session.hub.n_subscribers)
             queued.add_metric([session.session_id], session.hub.n_queued)
             evictions.add_metric([session.session_id], session.hub.n_evictions)
-        yield from (subscribers, queued, evictions)
+            heat = session.heat_statistics()
+            if heat is not None:
+                lag.add_metric([session.session_id], heat.lag_ms / 1000)
+                late.add_metric([session.session_id], heat.n_ticks_late)
+        yield from (subscribers, queued, evictions, lag, late)
+        shed = GaugeMetricFamily(
+            "writewatchd_shed_level",
+            "Load shed by the ticks of an interval: 0 none, 1 warm ranges as cold, each more doubles the hot interval",
+            labels=["tick_interval_ms"],
+        )
+        for ticker in self._manager.tickers():
+            shed.add_metric([str(ticker.interval_ms)], ticker.scheduler.shed_level)
+        yield shed
         counters = {
             "writewatchd_harvests": ("Harvests since the daemon started", "n_harvests", 1.0),
             "writewatchd_harvest_seconds": ("Time spent harvesting", "total_harvest_ns", 1e-9),

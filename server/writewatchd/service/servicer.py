@@ -154,6 +154,7 @@ class WriteWatchServicer(pb_grpc.WriteWatchServicer):
             owner=_owner(identity := current_identity()),
             follow_exec=request.follow_exec if request.HasField("follow_exec") else True,
             follow_children=request.follow_children,
+            max_staleness_ms=request.max_staleness_ms if request.HasField("max_staleness_ms") else None,
         )
         self._check_create(identity, spec)
         session = await self._manager.create(spec)

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ from .._exceptions import (
 )
 from ..kernel import PAGE_SIZE, ScanResult, mm_fingerprint
 from ..tracking.delta import Delta
+from ..tracking.heat import MAX_STALENESS_MS, HeatStatistics
 from ..tracking.rate import DirtyRate, RateEstimator
 from ..tracking.regions import EMPTY, RegionArray, as_regions, n_pages
 from ..tracking.tracker import HarvestStatistics, Tracker
@@ -101,8 +103,9 @@ class Harvested:
 class ManagedSession:
     """A tracked process inside the daemon.
 
-    The ticker drives its tick harvests through :attr:`harvest_lock`, :meth:`harvest_blocking`
-    and :meth:`complete_harvest`; the daemon's shutdown goes through :meth:`close_for_shutdown`.
+    The ticker drives its tick harvests through :meth:`settle_tick` and :meth:`complete_harvest`;
+    everything else that harvests or changes the tracker runs inside :meth:`_exclusive`; the
+    daemon's shutdown goes through :meth:`close_for_shutdown`.
     """
 
     def __init__(
@@ -128,7 +131,7 @@ class ManagedSession:
         self._manager = manager
         self._spawned = spawned
         self.harvest_lock = asyncio.Lock()
-        """Serialises harvests (tick and on-demand), so deltas are numbered in publication order."""
+        """Serialises on-demand harvests and tracker changes (:meth:`_exclusive` holds it)."""
         self._exec_check_queued = False
         self._pidfd = -1
         self.settled = record.state == SessionState.ENDED
@@ -151,8 +154,37 @@ class ManagedSession:
 
     @property
     def statistics(self) -> HarvestStatistics:
-        """Harvest counters (zero for a session that ended before this daemon started)."""
-        return self.tracker.statistics if self.tracker is not None else HarvestStatistics()
+        """Harvest counters (zero for a session that ended before this daemon started).
+
+        ``n_harvests`` counts full harvests and the ticks that scanned some of its ranges.
+        """
+        if self.tracker is None:
+            return HarvestStatistics()
+        heat = self.heat_statistics()
+        stats = self.tracker.statistics
+        return stats if heat is None else dataclasses.replace(stats, n_harvests=stats.n_harvests + heat.n_scanned_ticks)
+
+    @property
+    def max_staleness_ms(self) -> int:
+        """The staleness bound of heat-scheduled scanning (docs/api.md)."""
+        return self.record.max_staleness_ms
+
+    @property
+    def _ticker(self) -> Ticker:
+        return self._manager.ticker(self.record.tick_interval_ms)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """The harvest lock, once a tick in flight has published; ticks leave the session out meanwhile.
+
+        So deltas are numbered in publication order and a barrier sees every tick before it.
+        """
+        async with self.harvest_lock, self._ticker.exclusive(self):
+            yield
+
+    def heat_statistics(self) -> HeatStatistics | None:
+        """How the session's scans are scheduled (None when it is not ticking)."""
+        return self._ticker.scheduler.statistics(self.session_id) if self.active else None
 
     def _require_active(self) -> Tracker:
         """The tracker of an active session; the one place that raises :class:`SessionEnded`."""
@@ -187,7 +219,7 @@ class ManagedSession:
             self._manager.run_in_background(self._finish_after_exit())
 
     async def _finish_after_exit(self) -> None:
-        async with self.harvest_lock:  # an on-demand harvest in flight settles first
+        async with self._exclusive():  # an on-demand harvest in flight settles first
             await self.finish(EndReason.EXITED, f"process {self.record.pid} exited")
 
     def _close_pidfd(self) -> None:
@@ -203,7 +235,7 @@ class ManagedSession:
         the target gone (the session then ends).
         """
         self._require_active()
-        async with self.harvest_lock:
+        async with self._exclusive():
             return await self._harvest_locked()
 
     async def _harvest_locked(self) -> Harvested:
@@ -250,7 +282,7 @@ class ManagedSession:
             self._manager.run_in_background(self._on_exec())
 
     async def _on_exec(self) -> None:
-        async with self.harvest_lock:
+        async with self._exclusive():
             self._exec_check_queued = False
             if not self.active:
                 return
@@ -299,6 +331,7 @@ class ManagedSession:
         if tracker is None:
             return
         self.tracker = tracker
+        self._ticker.replace(self)  # the new program's pagemap, its ranges due at once
         if self._pidfd >= 0:  # the exit is watched through the tracker's pidfd: the new one's now
             self._close_pidfd()
             self._pidfd = tracker.exit_fd
@@ -322,19 +355,34 @@ class ManagedSession:
             await self._manager.persist(record)
 
     def harvest_blocking(self) -> Published | None:
-        """Harvest and number (in a worker thread, with :attr:`harvest_lock` held); ``None`` when idle.
+        """A full harvest, numbered (in a worker thread, inside :meth:`_exclusive`); ``None`` when idle.
 
         Raises :class:`ProcessGone` once the target has exited, :class:`SessionEnded` once the session has.
         """
         tracker = self._require_active()
+        started_ns = time.monotonic_ns()
         regions = tracker.harvest()  # raises ProcessGone once the target has exited
+        self._ticker.note_full_scan(self, regions, started_ns)
+        return self._prepare(regions, None)
+
+    def settle_tick(
+        self, found: list[RegionArray], failed: list[tuple[int, int, int]], covered: RegionArray | None
+    ) -> Published | None:
+        """What a tick's scan of ``covered`` (None: everything) found, settled and numbered; ``None`` when idle."""
+        regions = self._require_active().settle(found, failed)
+        return self._prepare(regions, covered)
+
+    def _prepare(self, regions: RegionArray, covered: RegionArray | None) -> Published | None:
         if len(regions) == 0 and self.hub.last_seq:
             return None  # the common idle case: nothing to count, number or encode
         self.rate.add(n_pages(regions), len(regions))
-        return self.hub.prepare(regions, resync=self.hub.last_seq == 0)
+        # Nobody subscribes: the frames are made when a subscriber first needs them, if ever.
+        return self.hub.prepare(
+            regions, resync=self.hub.last_seq == 0, encode_now=self.hub.n_subscribers > 0, covered=covered
+        )
 
     async def complete_harvest(self, outcome: Published | BaseException | None) -> None:
-        """Publish what :meth:`harvest_blocking` returned, or settle what it raised (:attr:`harvest_lock` held)."""
+        """Publish what :meth:`settle_tick` returned, or settle what it raised (the ticker's side)."""
         if isinstance(outcome, ProcessGone):
             await self._finish_gone(outcome)
         elif isinstance(outcome, BaseException):
@@ -351,7 +399,7 @@ class ManagedSession:
             return
         self.hub.finish(EndReason.DAEMON_SHUTDOWN, "the daemon is shutting down")
         self._close_pidfd()
-        async with self.harvest_lock:  # let an on-demand harvest finish first
+        async with self._exclusive():  # let an on-demand harvest finish first
             if self.tracker is not None:
                 self.tracker.close()
 
@@ -380,7 +428,7 @@ class ManagedSession:
         if existing is not None:
             return existing, False
         self._require_active()
-        async with self.harvest_lock:
+        async with self._exclusive():
             existing = self.views.get(name)
             if existing is not None:
                 return existing, False
@@ -439,7 +487,7 @@ class ManagedSession:
         self._require_active()
         if not ranges:
             raise UsageError("no ranges given")
-        async with self.harvest_lock:
+        async with self._exclusive():
             loop = asyncio.get_running_loop()
             tracker = self._require_active()
             change = tracker.add_ranges if add else tracker.remove_ranges
@@ -457,7 +505,7 @@ class ManagedSession:
         self.record.ended_at_unix_ns = time.time_ns()
         self.hub.finish(reason, message)
         self._manager.follower.unwatch(self)
-        self._manager.ticker(self.record.tick_interval_ms).discard(self)
+        await self._ticker.discard(self)  # no scan in flight uses the tracker after this
         self._close_pidfd()
         if self.tracker is not None:
             await asyncio.get_running_loop().run_in_executor(self._manager.executor, self.tracker.close)
@@ -499,8 +547,14 @@ class SessionManager:
         """The ticker of one tick interval, created on first use."""
         ticker = self._tickers.get(interval_ms)
         if ticker is None:
-            ticker = self._tickers[interval_ms] = Ticker(self.executor, interval_ms)
+            ticker = self._tickers[interval_ms] = Ticker(
+                self.executor, interval_ms, scan_threads=self.settings.scan_threads
+            )
         return ticker
+
+    def tickers(self) -> list[Ticker]:
+        """The tickers of every tick interval in use."""
+        return list(self._tickers.values())
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -538,6 +592,8 @@ class SessionManager:
             raise LimitExceeded(f"{len(spec.ranges)} ranges exceed max_ranges_per_session")
         if not spec.auto_ranges and not spec.ranges:
             raise UsageError("give ranges, or auto_ranges=true")
+        if spec.max_staleness_ms is not None and spec.max_staleness_ms > MAX_STALENESS_MS:
+            raise UsageError(f"max_staleness_ms must be <= {MAX_STALENESS_MS}")
         loop = asyncio.get_running_loop()
         if spec.attach_mode != AttachMode.SPAWN:
             self._claim(spec.pid)
@@ -567,6 +623,9 @@ class SessionManager:
             owner=spec.owner,
             follow_exec=spec.follow_exec,
             follow_children=spec.follow_children,
+            max_staleness_ms=self.settings.default_max_staleness_ms
+            if spec.max_staleness_ms is None
+            else spec.max_staleness_ms,
             cmdline=process_cmdline(pid),
         )
         session = ManagedSession(record, tracker, self, spawned=spawned)
@@ -731,6 +790,7 @@ class SessionManager:
             follow_exec=record.follow_exec,
             tick_interval_ms=record.tick_interval_ms,
             owner=record.owner,
+            max_staleness_ms=record.max_staleness_ms,
         )
 
     def pending_child_of_pending(self, parent: PendingChild, pid: int) -> PendingChild:
@@ -744,6 +804,7 @@ class SessionManager:
             follow_exec=parent.follow_exec,
             tick_interval_ms=parent.tick_interval_ms,
             owner=parent.owner,
+            max_staleness_ms=parent.max_staleness_ms,
         )
 
     def _tree_size(self, root_session_id: str) -> int:
@@ -827,6 +888,7 @@ class SessionManager:
             cmdline=process_cmdline(identity.pid),
             uid=process_uid(identity.pid),
             owner=pending.owner,
+            max_staleness_ms=pending.max_staleness_ms,
         )
         session = ManagedSession(record, tracker, self)
         self._sessions[record.session_id] = session

@@ -12,6 +12,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from ..tracking.heat import DEFAULT_MAX_STALENESS_MS, MAX_STALENESS_MS
+
 __all__ = ["Settings", "default_listen_address", "default_state_dir"]
 
 __all__ = [
@@ -124,6 +126,15 @@ class Settings(BaseSettings):
     history_max_bytes: int = Field(64 << 20, ge=0)
     fragment_max_bytes: int = Field(1 << 20, ge=4096)
     harvest_threads: int = Field(4, ge=1)
+    scan_threads: int = Field(
+        2, ge=1, description="threads one tick's batched scan is split across when it walks over 1 GiB of memory"
+    )
+    default_max_staleness_ms: int = Field(
+        DEFAULT_MAX_STALENESS_MS,
+        ge=0,
+        le=MAX_STALENESS_MS,
+        description="heat scheduling: the longest a write waits for a tick to scan it (0: scan everything every tick)",
+    )
     metrics_port: int = Field(0, ge=0, description="Prometheus exporter port on localhost; 0 = off")
     inject_deadline_ms: int = Field(1000, ge=1)
     tokens: list[TokenSettings] = Field(default_factory=list, description="bearer tokens ([[tokens]])")

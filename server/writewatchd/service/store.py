@@ -8,6 +8,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..tracking.heat import DEFAULT_MAX_STALENESS_MS
 from .enums import SessionState
 
 __all__ = ["SessionRecord", "StateStore"]
@@ -51,6 +52,8 @@ class SessionRecord:
     n_execs_followed: int = 0
     cmdline: list[str] = field(default_factory=list)
     """The argument vector of the program tracked now (empty when unreadable)."""
+    max_staleness_ms: int = DEFAULT_MAX_STALENESS_MS
+    """Heat scheduling's bound: the longest a write waits for a tick to scan it (docs/api.md)."""
 
 
 class StateStore:

@@ -1,7 +1,17 @@
 """Tick intervals and the :class:`Ticker` that harvests every session of one interval.
 
-Sessions that share a tick interval share one ticker: one worker-thread call per tick
-harvests all of them, because the hand-off to a thread costs more than an idle harvest.
+Sessions that share a tick interval share one ticker, and a tick is one batched call into
+compiled code (:class:`~writewatchd.kernel.batchscan.BatchScanner`) over the ranges its
+:class:`~writewatchd.tracking.heat.HeatScheduler` says are due, across all the sessions.
+Python then touches only the sessions whose scan found something (or failed, or has newly
+tracked ranges to report). A small batch runs on the event loop (the hand-off to a thread
+costs more than the scan); a long one runs in the thread pool, split across
+``scan_threads`` threads when the kernel's walk, not the GIL, is the limit.
+
+An on-demand harvest (flush, harvest, a view's call), a range change or the end of a session
+goes through :meth:`Ticker.exclusive`: it waits for a tick in flight to publish, and the
+session is left out of the ticks that start meanwhile, so deltas stay in publication order
+and a barrier stays exact.
 """
 
 from __future__ import annotations
@@ -9,15 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from concurrent.futures import Executor
+from collections import defaultdict
+from collections.abc import AsyncIterator, Hashable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from .._exceptions import UsageError
+import numpy as np
+
+from .._exceptions import ProcessGone, UsageError
+from ..kernel.batchscan import BatchResult, BatchScanner, harvest_parallel
+from ..tracking.heat import HeatScheduler, TickPlan
+from ..tracking.regions import EMPTY, RegionArray, as_regions, merge, n_bytes
+from ..tracking.tracker import Tracker
 from .hub import Published
 
-__all__ = ["MAX_TICK_INTERVAL_MS", "Tickable", "Ticker", "tick_interval_ms"]
+__all__ = ["MAX_TICK_INTERVAL_MS", "Tickable", "Ticker", "TickerStatistics", "tick_interval_ms"]
 
 MAX_TICK_INTERVAL_MS = 3_600_000
+# A batch that walks fewer pages than this runs on the event loop (~0.1 ms of kernel time).
+_INLINE_MAX_PAGES = 1 << 16
+# ...and its outcomes are settled there too when they hold fewer regions than this.
+_INLINE_MAX_REGIONS = 4096
 
 
 def tick_interval_ms(requested_ms: int, *, default_ms: int, min_ms: int) -> int:
@@ -43,34 +66,119 @@ class Tickable(Protocol):
         """Whether the session is still harvested."""
 
     @property
-    def harvest_lock(self) -> asyncio.Lock:
-        """Held by whoever harvests the session; a tick skips a session whose lock is held."""
+    def tracker(self) -> Tracker | None:
+        """The session's tracker (None once it has ended)."""
 
-    def harvest_blocking(self) -> Published | None:
-        """One harvest, in a worker thread, with :attr:`harvest_lock` held."""
+    @property
+    def max_staleness_ms(self) -> int:
+        """The session's staleness bound."""
+
+    def settle_tick(
+        self, found: list[RegionArray], failed: list[tuple[int, int, int]], covered: RegionArray | None
+    ) -> Published | None:
+        """Turn what a tick found for the session into a numbered delta (None: nothing new)."""
 
     async def complete_harvest(self, outcome: Published | BaseException | None) -> None:
-        """Publish what :meth:`harvest_blocking` returned, or settle what it raised."""
+        """Publish what :meth:`settle_tick` returned, or settle what it raised."""
+
+
+@dataclass(frozen=True, slots=True)
+class TickerStatistics:
+    """Counters of one ticker."""
+
+    interval_ms: int
+    n_sessions: int
+    n_ticks: int
+    n_ticks_late: int
+    shed_level: int
+    max_shed_level: int
+    max_lag_ms: float
+    compiled: bool
 
 
 class Ticker:
-    """Harvests every session of one tick interval, in one worker-thread call per tick."""
+    """Harvests the due ranges of every session of one tick interval, in one batched call per tick."""
 
-    def __init__(self, executor: Executor, interval_ms: int) -> None:
+    def __init__(self, executor: Executor, interval_ms: int, *, scan_threads: int = 1) -> None:
         self.interval_ms = interval_ms
         self._executor = executor
+        self.scheduler = HeatScheduler(interval_ms)
+        self._scanners = [BatchScanner() for _ in range(max(1, scan_threads))]
+        self._parts_executor = ThreadPoolExecutor(len(self._scanners) - 1, "scan") if scan_threads > 1 else None
         self._sessions: dict[str, Tickable] = {}
+        self._generations: dict[str, int] = {}
+        self._touched: set[str] = set()
+        self._busy: dict[str, int] = {}
+        self._check_cursor = 0
         self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._scanned = asyncio.Event()
+        self._scanned.set()
 
     def add(self, session: Tickable) -> None:
-        """Harvest ``session`` from the next tick on."""
+        """Harvest ``session`` from the next tick on (it was just harvested in full)."""
+        tracker = session.tracker
+        if tracker is None:
+            return
         self._sessions[session.session_id] = session
+        self._generations[session.session_id] = tracker.ranges_generation
+        self.scheduler.add(
+            session.session_id, tracker.pagemap_fd, tracker.tracked, max_staleness_ms=session.max_staleness_ms
+        )
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name=f"ticker-{self.interval_ms}ms")
 
-    def discard(self, session: Tickable) -> None:
-        """Stop harvesting ``session``."""
+    async def discard(self, session: Tickable) -> None:
+        """Stop harvesting ``session``; returns once no scan in flight uses its tracker."""
         self._sessions.pop(session.session_id, None)
+        self._generations.pop(session.session_id, None)
+        self.scheduler.remove(session.session_id)
+        await self._scanned.wait()
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, session: Tickable) -> AsyncIterator[None]:
+        """Keep ``session`` out of the ticks while the block runs (after a tick in flight has published)."""
+        key = session.session_id
+        self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            await self._idle.wait()
+            yield
+        finally:
+            self._busy[key] -= 1
+            if not self._busy[key]:
+                del self._busy[key]
+            tracker = session.tracker
+            changed = tracker is not None and (
+                tracker.has_pending or tracker.ranges_generation != self._generations.get(key)
+            )
+            if changed and key in self._sessions:
+                self._touched.add(key)  # the block changed the ranges: the next tick reports and reschedules
+
+    def replace(self, session: Tickable) -> None:
+        """``session`` has a new tracker (a followed exec): schedule its ranges afresh."""
+        if session.session_id in self._sessions:
+            self.scheduler.remove(session.session_id)
+            self._sessions.pop(session.session_id)
+            self.add(session)
+
+    def note_full_scan(self, session: Tickable, regions: RegionArray, started_ns: int) -> None:
+        """A full harvest of ``session`` started at ``started_ns`` (monotonic) found ``regions``."""
+        self.scheduler.note_full_scan(session.session_id, regions, started_ns)
+
+    def statistics(self) -> TickerStatistics:
+        """Current counters."""
+        scheduler = self.scheduler
+        return TickerStatistics(
+            self.interval_ms,
+            len(self._sessions),
+            scheduler.n_ticks,
+            scheduler.n_ticks_late,
+            scheduler.shed_level,
+            scheduler.max_shed_level_seen,
+            scheduler.max_lag_ms(),
+            self._scanners[0].compiled,
+        )
 
     async def stop(self) -> None:
         """Cancel the tick loop."""
@@ -78,40 +186,132 @@ class Ticker:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._parts_executor is not None:
+            self._parts_executor.shutdown(wait=False)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        interval_s = self.interval_ms / 1000
-        next_tick = time.monotonic()
+        interval_ns = self.interval_ms * 1_000_000
+        next_tick_ns = time.monotonic_ns()
         while self._sessions:
             # The first tick comes one interval after the start: a session just created (and
             # harvested) must not lose its caller's first writes to an immediate tick.
-            next_tick += interval_s
-            delay = next_tick - time.monotonic()
-            if delay < 0:
-                next_tick = time.monotonic()  # fell behind: do not burst to catch up
-                delay = 0
-            await asyncio.sleep(delay)
-            # A session whose lock is held is being harvested on demand right now.
-            due = [s for s in self._sessions.values() if s.active and not s.harvest_lock.locked()]
-            if not due:
-                continue
-            for session in due:
-                await session.harvest_lock.acquire()  # uncontended: returns without suspending
+            next_tick_ns += interval_ns
+            delay_ns = next_tick_ns - time.monotonic_ns()
+            if delay_ns > 0:
+                await asyncio.sleep(delay_ns / 1e9)
+            started_ns = time.monotonic_ns()
+            late_ns = max(0, started_ns - next_tick_ns)
+            if late_ns > interval_ns:
+                next_tick_ns = started_ns  # fell behind: do not burst to catch up
+            self._idle.clear()
             try:
-                outcomes = await loop.run_in_executor(self._executor, _harvest_all, due)
-                for session, outcome in zip(due, outcomes, strict=True):
-                    await session.complete_harvest(outcome)
+                await self._tick(late_ns)
             finally:
-                for session in due:
-                    session.harvest_lock.release()
+                self._idle.set()
+            self.scheduler.note_tick(late_ns, time.monotonic_ns() - started_ns)
+
+    async def _tick(self, late_ns: int) -> None:
+        outcomes: dict[str, Published | BaseException | None] = {}
+        self._check_some(outcomes)
+        plan = self.scheduler.plan(late_ns=late_ns, skip=frozenset(self._busy) | frozenset(outcomes))
+        if len(plan) or self._touched:
+            loop = asyncio.get_running_loop()
+            self._scanned.clear()
+            try:
+                if plan.requests.n_pages <= _INLINE_MAX_PAGES:
+                    result = self._scan(plan)
+                else:
+                    result = await loop.run_in_executor(self._executor, self._scan, plan)
+            finally:
+                self._scanned.set()
+            work = self._gather(plan, result)
+            if work:
+                if len(result.regions) <= _INLINE_MAX_REGIONS:
+                    outcomes.update(self._settle(work))
+                else:
+                    outcomes.update(await loop.run_in_executor(self._executor, self._settle, work))
+        for key, outcome in outcomes.items():
+            session = self._sessions.get(key)
+            if session is not None and outcome is not None:
+                await session.complete_harvest(outcome)
+
+    def _check_some(self, outcomes: dict[str, Published | BaseException | None]) -> None:
+        """The exec check and auto ranges of a slice of the sessions, so each comes up about once a second."""
+        sessions = list(self._sessions.values())
+        if not sessions:
+            return
+        n = min(len(sessions), -(-len(sessions) * self.interval_ms // 1000))
+        now_ns = time.perf_counter_ns()
+        for offset in range(n):
+            session = sessions[(self._check_cursor + offset) % len(sessions)]
+            key = session.session_id
+            tracker = session.tracker
+            if tracker is None or key in self._busy:
+                continue
+            try:
+                tracker.check(now_ns)
+            except ProcessGone as exc:
+                outcomes[key] = exc
+                continue
+            if tracker.ranges_generation != self._generations.get(key):
+                self._touched.add(key)
+        self._check_cursor = (self._check_cursor + n) % len(sessions)
+
+    def _scan(self, plan: TickPlan) -> BatchResult:
+        result = harvest_parallel(self._scanners, plan.requests, self._parts_executor)
+        self.scheduler.complete(plan, result)
+        return result
+
+    def _gather(self, plan: TickPlan, result: BatchResult) -> dict[str, _Work]:
+        """What each session with something to publish gets from this tick."""
+        work: dict[str, _Work] = {}
+        news = result.with_news()
+        if len(news):
+            by_key: defaultdict[Hashable, list[int]] = defaultdict(list)
+            for index, key in enumerate(plan.request_keys):
+                by_key[key].append(index)
+            array = plan.requests.array
+            for index in news.tolist():
+                key = str(plan.request_keys[index])
+                item = work.get(key)
+                if item is None:
+                    mine = by_key[key]
+                    item = work[key] = _Work(as_regions(np.column_stack((array["start"][mine], array["end"][mine]))))
+                error = int(result.errors[index])
+                if error:
+                    item.failed.append((int(array["start"][index]), int(array["end"][index]), error))
+                else:
+                    item.found.append(result.regions_of(index))
+        for key in self._touched - set(self._busy):
+            if key not in work and key in self._sessions:
+                work[key] = _Work(EMPTY)  # nothing scanned: only its newly tracked ranges to report
+        self._touched &= set(self._busy)
+        return work
+
+    def _settle(self, work: dict[str, _Work]) -> dict[str, Published | BaseException | None]:
+        outcomes: dict[str, Published | BaseException | None] = {}
+        for key, item in work.items():
+            session = self._sessions.get(key)
+            if session is None or session.tracker is None:
+                continue
+            tracker = session.tracker
+            covered: RegionArray | None = item.covered
+            if n_bytes(merge(item.covered)) >= n_bytes(tracker.tracked):
+                covered = None  # every tracked range was scanned
+            try:
+                outcomes[key] = session.settle_tick(item.found, item.failed, covered)
+            except Exception as exc:
+                outcomes[key] = exc
+            if tracker.ranges_generation != self._generations.get(key):
+                self._generations[key] = tracker.ranges_generation
+                self.scheduler.set_ranges(key, tracker.tracked)
+        return outcomes
 
 
-def _harvest_all(sessions: list[Tickable]) -> list[Published | BaseException | None]:
-    outcomes: list[Published | BaseException | None] = []
-    for session in sessions:
-        try:
-            outcomes.append(session.harvest_blocking())
-        except Exception as exc:
-            outcomes.append(exc)
-    return outcomes
+@dataclass(slots=True)
+class _Work:
+    """One session's share of a tick: what its requests found, which failed, and what they covered."""
+
+    covered: RegionArray
+    found: list[RegionArray] = field(default_factory=list)
+    failed: list[tuple[int, int, int]] = field(default_factory=list)

@@ -85,6 +85,9 @@ def _fill_delta(
     message.n_fragments = count
     message.n_regions = len(delta.regions)
     message.n_pages = delta.n_pages if n_pages is None else n_pages
+    if delta.covered is not None and index == 0:
+        message.partial = True
+        message.covered.CopyFrom(encode_regions(delta.covered, page_size_bytes=PAGE_SIZE))
 
 
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
@@ -161,7 +164,7 @@ def session_message(session: ManagedSession) -> pb.Session:
     record = session.record
     stats = session.statistics
     tracked: list[list[int]] = session.tracked.tolist()
-    return pb.Session(
+    message = pb.Session(
         session_id=record.session_id,
         pid=record.pid,
         process_start_time_ticks=record.start_time_ticks,
@@ -192,4 +195,17 @@ def session_message(session: ManagedSession) -> pb.Session:
         argv=record.cmdline,
         follow_exec=record.follow_exec,
         follow_children=record.follow_children,
+        max_staleness_ms=record.max_staleness_ms,
     )
+    heat = session.heat_statistics()
+    if heat is not None:
+        statistics = message.statistics
+        statistics.scan_lag_ms = heat.lag_ms
+        statistics.max_scan_lag_ms = heat.max_lag_ms
+        statistics.n_ticks_due = heat.n_ticks_due
+        statistics.n_ticks_late = heat.n_ticks_late
+        statistics.shed_level = heat.shed_level
+        statistics.n_hot_pages = heat.n_hot_pages
+        statistics.n_warm_pages = heat.n_warm_pages
+        statistics.n_cold_pages = heat.n_cold_pages
+    return message

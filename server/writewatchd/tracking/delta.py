@@ -18,6 +18,10 @@ class Delta:
     ``seq`` increases by one per non-empty delta within an ``epoch``; a merged delta covers
     ``first_seq..seq``. ``resync`` means "assume every tracked page written": the first
     delta of an epoch, or a replay that history could not serve.
+
+    ``covered`` is what the harvest scanned (the coverage rule, docs/api.md): every write
+    to those ranges completed before it started is in this delta or an earlier one. None
+    means every tracked range (a full harvest); a heat-scheduled tick scans only some.
     """
 
     epoch: int
@@ -26,6 +30,7 @@ class Delta:
     resync: bool
     harvested_at_unix_ns: int
     regions: RegionArray
+    covered: RegionArray | None = None
 
     @property
     def n_regions(self) -> int:
@@ -39,7 +44,10 @@ class Delta:
 
 
 def merge_deltas(deltas: list[Delta]) -> Delta:
-    """One delta equal to the union of consecutive ``deltas`` (same epoch, ascending seq)."""
+    """One delta equal to the union of consecutive ``deltas`` (same epoch, ascending seq).
+
+    Its coverage is the last one's: up to that harvest, the ranges it scanned.
+    """
     if len(deltas) == 1:
         return deltas[0]
     last = deltas[-1]
@@ -50,4 +58,5 @@ def merge_deltas(deltas: list[Delta]) -> Delta:
         resync=any(d.resync for d in deltas),
         harvested_at_unix_ns=last.harvested_at_unix_ns,
         regions=merge(np.concatenate([d.regions for d in deltas])),
+        covered=last.covered,
     )

@@ -39,6 +39,7 @@ from .regions import RegionArray, merge
 
 __all__ = [
     "DEFAULT_MAX_STALENESS_MS",
+    "MAX_STALENESS_MS",
     "HeatPolicy",
     "HeatScheduler",
     "HeatStatistics",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 DEFAULT_MAX_STALENESS_MS = 1000
+#: The largest staleness bound a session may ask for (an hour, as the longest tick).
+MAX_STALENESS_MS = 3_600_000
 _MIB = 1 << 20
 _NS_PER_MS = 1_000_000
 
@@ -97,8 +100,9 @@ class HeatStatistics:
     #: Ticks at which the session had a chunk due, and of those, ticks served late (shed or a late tick).
     n_ticks_due: int
     n_ticks_late: int
-    #: Chunk scans planned by ticks (not counting full harvests).
+    #: Chunk scans planned by ticks (not counting full harvests), and ticks that scanned any.
     n_chunk_scans: int
+    n_scanned_ticks: int
     #: The scheduler's shed level (0: nominal; shared by the sessions of the tick interval).
     shed_level: int
 
@@ -147,7 +151,7 @@ def pages_per_chunk(
     return written // PAGE_SIZE
 
 
-_COUNTERS = ("lag_ns", "max_lag_ns", "n_ticks_due", "n_ticks_late", "n_chunk_scans")
+_COUNTERS = ("lag_ns", "max_lag_ns", "n_ticks_due", "n_ticks_late", "n_chunk_scans", "n_scanned_ticks")
 
 
 @dataclass(slots=True)
@@ -162,7 +166,7 @@ class _Session:
     #: Its row in the scheduler's per-session counters (-1: it has no chunks).
     row: int = -1
     #: Counters saved across a rebuild (in the order of _COUNTERS).
-    saved: tuple[int, ...] = (0, 0, 0, 0, 0)
+    saved: tuple[int, ...] = (0,) * len(_COUNTERS)
 
 
 def _chunk_bytes(ranges: RegionArray, policy: HeatPolicy) -> int:
@@ -421,7 +425,9 @@ class HeatScheduler:
         np.maximum(counters[:, 1], lags, out=counters[:, 1])
         counters[:, 2] += any_due
         counters[:, 3] += any_due & shed
-        counters[:, 4] += np.add.reduceat(due.astype(np.int64), firsts)
+        scans = np.add.reduceat(due.astype(np.int64), firsts)
+        counters[:, 4] += scans
+        counters[:, 5] += scans > 0
 
     def complete(self, plan: TickPlan, result: BatchResult) -> None:
         """Record what a planned tick scanned and found (failed requests count as scanned)."""
@@ -489,7 +495,7 @@ class HeatScheduler:
             temperature = self._temperatures(self._heat_at(self.clock(), np.arange(span.start, span.stop)))
             pages = self._n_pages[span]
             counters = self._counters[session.row].tolist() if session.row >= 0 else list(session.saved)
-            lag_ns, max_lag_ns, n_ticks_due, n_ticks_late, n_chunk_scans = counters
+            lag_ns, max_lag_ns, n_ticks_due, n_ticks_late, n_chunk_scans, n_scanned_ticks = counters
             return HeatStatistics(
                 max_staleness_ms=session.max_staleness_ns // _NS_PER_MS,
                 n_chunks=session.count,
@@ -501,6 +507,7 @@ class HeatScheduler:
                 n_ticks_due=n_ticks_due,
                 n_ticks_late=n_ticks_late,
                 n_chunk_scans=n_chunk_scans,
+                n_scanned_ticks=n_scanned_ticks,
                 shed_level=self.shed_level,
             )
 

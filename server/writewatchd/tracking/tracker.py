@@ -233,16 +233,15 @@ class Tracker:
             if self.auto:
                 self._refresh_auto()
 
-    def settle(
-        self, found: list[RegionArray], failed: list[tuple[int, int, int]], *, elapsed_ns: int = 0
-    ) -> RegionArray:
+    def settle(self, found: list[RegionArray], failed: list[tuple[int, int, int]]) -> RegionArray:
         """The written pages of a batched scan of some tracked ranges, as :meth:`harvest` returns them.
 
         ``found`` holds what the scans found; ``failed`` the ``(start, end, errno)`` of each scan
         that failed, which is handled as :meth:`harvest` handles it (a range whose registration
         vanished is re-registered and reported written; an exited target raises
         :class:`ProcessGone`, also when nothing was found). Ranges registered since the last
-        harvest are added.
+        harvest are added. Counted in the statistics' regions and pages; the scheduler counts
+        the scans.
         """
         with self._lock:
             chunks = [regions for regions in found if len(regions)]
@@ -255,9 +254,6 @@ class Tracker:
             if len(regions) == 0:
                 self._raise_if_exited()
             stats = self.statistics
-            stats.n_harvests += 1
-            stats.last_harvest_ns = elapsed_ns
-            stats.total_harvest_ns += elapsed_ns
             if len(regions):
                 stats.n_regions += len(regions)
                 stats.n_pages += n_pages(regions)

@@ -363,6 +363,14 @@ class SessionStatistics(_message.Message):
     N_PAGES_FIELD_NUMBER: _builtins.int
     N_SUBSCRIBERS_FIELD_NUMBER: _builtins.int
     N_VIEWS_FIELD_NUMBER: _builtins.int
+    SCAN_LAG_MS_FIELD_NUMBER: _builtins.int
+    MAX_SCAN_LAG_MS_FIELD_NUMBER: _builtins.int
+    N_TICKS_DUE_FIELD_NUMBER: _builtins.int
+    N_TICKS_LATE_FIELD_NUMBER: _builtins.int
+    SHED_LEVEL_FIELD_NUMBER: _builtins.int
+    N_HOT_PAGES_FIELD_NUMBER: _builtins.int
+    N_WARM_PAGES_FIELD_NUMBER: _builtins.int
+    N_COLD_PAGES_FIELD_NUMBER: _builtins.int
     n_harvests: _builtins.int
     """Number of harvests (scans of all tracked ranges) so far."""
     last_harvest_ns: _builtins.int
@@ -377,6 +385,26 @@ class SessionStatistics(_message.Message):
     """Number of currently connected subscribers."""
     n_views: _builtins.int
     """Number of write-watch views."""
+    scan_lag_ms: _builtins.float
+    """Heat scheduling (docs/api.md): how far behind its nominal schedule the session's most
+    overdue range is, in milliseconds, as of the last tick (0: on time).
+    """
+    max_scan_lag_ms: _builtins.float
+    """The largest scan_lag_ms seen since the session started."""
+    n_ticks_due: _builtins.int
+    """Ticks at which the session had a range due, and of those, the ticks that served it late
+    (load shed, or the tick itself started late).
+    """
+    n_ticks_late: _builtins.int
+    shed_level: _builtins.int
+    """The shed level of the session's tick interval now: 0 nominal; 1 warm ranges are scanned
+    as cold ones; each further level doubles the interval of hot ranges (never past
+    max_staleness_ms).
+    """
+    n_hot_pages: _builtins.int
+    """Tracked pages by temperature now: scanned every tick, every few ticks, at the bound."""
+    n_warm_pages: _builtins.int
+    n_cold_pages: _builtins.int
     def __init__(
         self,
         *,
@@ -387,10 +415,18 @@ class SessionStatistics(_message.Message):
         n_pages: _builtins.int = ...,
         n_subscribers: _builtins.int = ...,
         n_views: _builtins.int = ...,
+        scan_lag_ms: _builtins.float = ...,
+        max_scan_lag_ms: _builtins.float = ...,
+        n_ticks_due: _builtins.int = ...,
+        n_ticks_late: _builtins.int = ...,
+        shed_level: _builtins.int = ...,
+        n_hot_pages: _builtins.int = ...,
+        n_warm_pages: _builtins.int = ...,
+        n_cold_pages: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_harvest_ns", b"last_harvest_ns", "n_harvests", b"n_harvests", "n_pages", b"n_pages", "n_regions", b"n_regions", "n_subscribers", b"n_subscribers", "n_views", b"n_views", "total_harvest_ns", b"total_harvest_ns"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_harvest_ns", b"last_harvest_ns", "max_scan_lag_ms", b"max_scan_lag_ms", "n_cold_pages", b"n_cold_pages", "n_harvests", b"n_harvests", "n_hot_pages", b"n_hot_pages", "n_pages", b"n_pages", "n_regions", b"n_regions", "n_subscribers", b"n_subscribers", "n_ticks_due", b"n_ticks_due", "n_ticks_late", b"n_ticks_late", "n_views", b"n_views", "n_warm_pages", b"n_warm_pages", "scan_lag_ms", b"scan_lag_ms", "shed_level", b"shed_level", "total_harvest_ns", b"total_harvest_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,6 +480,7 @@ class Session(_message.Message):
     ARGV_FIELD_NUMBER: _builtins.int
     FOLLOW_EXEC_FIELD_NUMBER: _builtins.int
     FOLLOW_CHILDREN_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_MS_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Unique identifier, assigned by the daemon."""
     pid: _builtins.int
@@ -484,6 +521,10 @@ class Session(_message.Message):
     """Whether the session follows its process through execve."""
     follow_children: _builtins.bool
     """Whether each child process becomes a session of its own."""
+    max_staleness_ms: _builtins.int
+    """Heat scheduling's bound: the longest a write waits for a tick to scan it (0: every
+    range is scanned every tick).
+    """
     @_builtins.property
     def ranges(self) -> _containers.RepeatedCompositeFieldContainer[Global___AddressRange]:
         """Ranges currently tracked, sorted (with auto_ranges: the writable private mappings)."""
@@ -525,10 +566,11 @@ class Session(_message.Message):
         argv: _abc.Iterable[_builtins.str] | None = ...,
         follow_exec: _builtins.bool = ...,
         follow_children: _builtins.bool = ...,
+        max_staleness_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["statistics", b"statistics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "comm", b"comm", "created_at_unix_ns", b"created_at_unix_ns", "end_message", b"end_message", "end_reason", b"end_reason", "epoch", b"epoch", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "last_seq", b"last_seq", "n_execs_followed", b"n_execs_followed", "n_tracked_pages", b"n_tracked_pages", "parent_session_id", b"parent_session_id", "pid", b"pid", "process_start_time_ticks", b"process_start_time_ticks", "ranges", b"ranges", "session_id", b"session_id", "state", b"state", "statistics", b"statistics", "tick_interval_ms", b"tick_interval_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "comm", b"comm", "created_at_unix_ns", b"created_at_unix_ns", "end_message", b"end_message", "end_reason", b"end_reason", "epoch", b"epoch", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "last_seq", b"last_seq", "max_staleness_ms", b"max_staleness_ms", "n_execs_followed", b"n_execs_followed", "n_tracked_pages", b"n_tracked_pages", "parent_session_id", b"parent_session_id", "pid", b"pid", "process_start_time_ticks", b"process_start_time_ticks", "ranges", b"ranges", "session_id", b"session_id", "state", b"state", "statistics", b"statistics", "tick_interval_ms", b"tick_interval_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -551,6 +593,8 @@ class Delta(_message.Message):
     N_FRAGMENTS_FIELD_NUMBER: _builtins.int
     N_REGIONS_FIELD_NUMBER: _builtins.int
     N_PAGES_FIELD_NUMBER: _builtins.int
+    PARTIAL_FIELD_NUMBER: _builtins.int
+    COVERED_FIELD_NUMBER: _builtins.int
     session_id: _builtins.str
     """Session the delta belongs to."""
     epoch: _builtins.int
@@ -573,9 +617,19 @@ class Delta(_message.Message):
     """Number of regions of the whole delta (all fragments)."""
     n_pages: _builtins.int
     """Number of pages of the whole delta (all fragments)."""
+    partial: _builtins.bool
+    """The coverage rule (docs/api.md): false when the harvest scanned every tracked range;
+    true when a heat-scheduled tick scanned only `covered`. Every write to a covered range
+    completed before the harvest started is in this delta or an earlier one. A merged delta
+    has the coverage of its last harvest. Set on the first fragment.
+    """
     @_builtins.property
     def regions(self) -> Global___PackedRegions:
         """Written regions of this fragment, sorted, non-overlapping."""
+
+    @_builtins.property
+    def covered(self) -> Global___PackedRegions:
+        """The ranges a partial harvest scanned, sorted (first fragment only)."""
 
     def __init__(
         self,
@@ -591,10 +645,12 @@ class Delta(_message.Message):
         n_fragments: _builtins.int = ...,
         n_regions: _builtins.int = ...,
         n_pages: _builtins.int = ...,
+        partial: _builtins.bool = ...,
+        covered: Global___PackedRegions | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["regions", b"regions"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "regions", b"regions"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["epoch", b"epoch", "first_seq", b"first_seq", "fragment_index", b"fragment_index", "harvested_at_unix_ns", b"harvested_at_unix_ns", "n_fragments", b"n_fragments", "n_pages", b"n_pages", "n_regions", b"n_regions", "regions", b"regions", "resync", b"resync", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["covered", b"covered", "epoch", b"epoch", "first_seq", b"first_seq", "fragment_index", b"fragment_index", "harvested_at_unix_ns", b"harvested_at_unix_ns", "n_fragments", b"n_fragments", "n_pages", b"n_pages", "n_regions", b"n_regions", "partial", b"partial", "regions", b"regions", "resync", b"resync", "seq", b"seq", "session_id", b"session_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,6 +740,7 @@ class CreateSessionRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     FOLLOW_EXEC_FIELD_NUMBER: _builtins.int
     FOLLOW_CHILDREN_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_MS_FIELD_NUMBER: _builtins.int
     pid: _builtins.int
     """Target process id (COOPERATIVE and INJECT; ignored for SPAWN)."""
     attach_mode: Global___AttachMode.ValueType
@@ -704,6 +761,11 @@ class CreateSessionRequest(_message.Message):
     follow_children: _builtins.bool
     """Each child process (not thread) becomes a session of its own, with parent_session_id
     and these labels; its children too. Default false.
+    """
+    max_staleness_ms: _builtins.int
+    """Heat scheduling's bound: the longest a write may wait for a tick to scan its range
+    (cold ranges are scanned this often, hot ones every tick). Unset: the daemon's default
+    (1000); 0: every range every tick; at most 3600000.
     """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -736,17 +798,22 @@ class CreateSessionRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         follow_exec: _builtins.bool | None = ...,
         follow_children: _builtins.bool = ...,
+        max_staleness_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_uffd_fd", b"_uffd_fd", "follow_exec", b"follow_exec", "uffd_fd", b"uffd_fd"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_max_staleness_ms", b"_max_staleness_ms", "_uffd_fd", b"_uffd_fd", "follow_exec", b"follow_exec", "max_staleness_ms", b"max_staleness_ms", "uffd_fd", b"uffd_fd"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_uffd_fd", b"_uffd_fd", "argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "cwd", b"cwd", "env", b"env", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "pid", b"pid", "ranges", b"ranges", "tick_interval_ms", b"tick_interval_ms", "uffd_fd", b"uffd_fd"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec", "_max_staleness_ms", b"_max_staleness_ms", "_uffd_fd", b"_uffd_fd", "argv", b"argv", "attach_mode", b"attach_mode", "auto_ranges", b"auto_ranges", "cwd", b"cwd", "env", b"env", "follow_children", b"follow_children", "follow_exec", b"follow_exec", "labels", b"labels", "max_staleness_ms", b"max_staleness_ms", "pid", b"pid", "ranges", b"ranges", "tick_interval_ms", b"tick_interval_ms", "uffd_fd", b"uffd_fd"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__follow_exec: _TypeAlias = _typing.Literal["follow_exec"]  # noqa: Y015
     _WhichOneofArgType__follow_exec: _TypeAlias = _typing.Literal["_follow_exec", b"_follow_exec"]  # noqa: Y015
+    _WhichOneofReturnType__max_staleness_ms: _TypeAlias = _typing.Literal["max_staleness_ms"]  # noqa: Y015
+    _WhichOneofArgType__max_staleness_ms: _TypeAlias = _typing.Literal["_max_staleness_ms", b"_max_staleness_ms"]  # noqa: Y015
     _WhichOneofReturnType__uffd_fd: _TypeAlias = _typing.Literal["uffd_fd"]  # noqa: Y015
     _WhichOneofArgType__uffd_fd: _TypeAlias = _typing.Literal["_uffd_fd", b"_uffd_fd"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__follow_exec) -> _WhichOneofReturnType__follow_exec | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_staleness_ms) -> _WhichOneofReturnType__max_staleness_ms | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__uffd_fd) -> _WhichOneofReturnType__uffd_fd | None: ...
 
