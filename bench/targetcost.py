@@ -197,8 +197,12 @@ def writer_throughput(n_pages: int, run_ms: int, rounds: int) -> dict[str, list[
         Target(n_pages, "write") as scanned,
     ):
         client = daemon.client()
-        session = client.attach(
-            tracked.pid, ranges=[(tracked.base, tracked.end)], uffd_fd=tracked.uffd_fd, tick_interval_ms=_TICK_MS
+        session = client.attach(  # every range every tick (no heat scheduling), as the bare harvester does
+            tracked.pid,
+            ranges=[(tracked.base, tracked.end)],
+            uffd_fd=tracked.uffd_fd,
+            tick_interval_ms=_TICK_MS,
+            max_staleness_ms=0,
         )
         bare = BareHarvester(scanned)
         try:

@@ -77,10 +77,10 @@ def test_batch_reports_exactly_the_writes_and_reprotects(armed: list[Armed], com
         result = scanner.harvest(requests)
         assert not result.errors.any()
         assert _found(armed, [result.regions_of(i) for i in range(len(requests))], owners) == written
-        news = set(result.with_news().tolist())
+        news = set(result.news.tolist())
         assert news == {i for i in range(len(requests)) if len(result.regions_of(i))}
         again = scanner.harvest(requests)
-        assert len(again.regions) == 0 and len(again.with_news()) == 0
+        assert len(again.regions) == 0 and len(again.news) == 0
 
 
 def test_a_failing_range_keeps_its_errno_and_the_batch_goes_on(armed: list[Armed], compiled: bool) -> None:
@@ -97,7 +97,7 @@ def test_a_failing_range_keeps_its_errno_and_the_batch_goes_on(armed: list[Armed
     result = scanner.harvest(requests)
     assert result.errors[0] != 0 and result.errors[1] == 0
     assert second.target.pages(result.regions_of(1)) == {5, 6}
-    assert result.with_news().tolist() == [0, 1]
+    assert result.news.tolist() == [0, 1]
 
 
 def test_parallel_parts_report_what_one_batch_would(armed: list[Armed], compiled: bool) -> None:

@@ -151,7 +151,7 @@ def test_a_bound_of_one_tick_or_less_scans_everything_every_tick_in_one_request(
     for _ in range(5):
         clock.advance(TICK_MS)
         plan = scheduler.plan()
-        assert plan.request_keys == ["a", "b"]  # adjacent chunks coalesced: one request per session
+        assert plan.request_keys.tolist() == ["a", "b"]  # adjacent chunks coalesced: one request per session
         assert plan.requests.array["fd"].tolist() == [3, 4]
         assert plan.requests.array["end"].tolist() == [BASE + 4 * CHUNK, BASE + 2 * CHUNK]
         scheduler.complete(plan, _result(plan, {}))
@@ -166,14 +166,20 @@ def test_overload_sheds_warm_then_hot_reports_lag_and_recovers() -> None:
     for _ in range(25):
         _tick(scheduler, clock, hot, kernel)
     assert 0 in _tick(scheduler, clock, hot, kernel)
-    for _ in range(3):
-        scheduler.note_tick(late_ns=0, busy_ns=TICK_MS * MS)  # every tick's work takes a whole interval
-    assert scheduler.shed_level == 3  # hot chunks every 4th tick now
+    scheduler.note_tick(late_ns=2 * TICK_MS * MS, busy_ns=0)  # one tick descheduled is noise...
+    for _ in range(10):
+        scheduler.note_tick(late_ns=0, busy_ns=0)
+    assert scheduler.shed_level == 0
+    n_ticks = 0
+    while scheduler.shed_level < 3:  # ...every tick's work taking a whole interval is not
+        scheduler.note_tick(late_ns=0, busy_ns=TICK_MS * MS)
+        n_ticks += 1
+    assert n_ticks <= 6  # hot chunks every 4th tick now
     scans = sum(0 in _tick(scheduler, clock, hot, kernel) for _ in range(20))
     assert 4 <= scans <= 6
     stats = scheduler.statistics("s")
     assert stats is not None and stats.shed_level == 3 and stats.n_ticks_late > 0 and stats.max_lag_ms > 0
-    for _ in range(3 * 5):
+    for _ in range(40):
         scheduler.note_tick(late_ns=0, busy_ns=0)
     assert scheduler.shed_level == 0
     # However loaded, the level stops where hot chunks reach the staleness bound: nobody starves.

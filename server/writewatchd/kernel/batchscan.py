@@ -19,7 +19,7 @@ import functools
 import itertools
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +48,8 @@ REQUEST_DTYPE = np.dtype(
     align=True,
 )
 _REGION_FIELDS = 3
+_NO_REGIONS = np.empty((0, 2), np.uint64)
+_NO_REGIONS.flags.writeable = False
 _DEFAULT_CAPACITY_REGIONS = 1 << 16
 # Below this many pages to walk, splitting a batch across threads costs more than it saves.
 _MIN_PAGES_PER_PART = 1 << 18
@@ -94,7 +96,7 @@ class BatchRequests:
     def __len__(self) -> int:
         return len(self.array)
 
-    @property
+    @functools.cached_property
     def n_pages(self) -> int:
         """Pages the batch walks (what its kernel time is proportional to)."""
         return int(((self.array["end"] - self.array["start"]) >> np.uint64(PAGE_SHIFT)).sum())
@@ -107,14 +109,16 @@ class BatchResult:
     regions: npt.NDArray[np.uint64]
     offsets: npt.NDArray[np.int64]
     errors: npt.NDArray[np.int32]
+    news: npt.NDArray[np.intp] = field(init=False)
+    """Indices of the requests that found something or failed: the only ones a caller needs to look at."""
+
+    def __post_init__(self) -> None:
+        news = np.flatnonzero((self.offsets[1:] != self.offsets[:-1]) | (self.errors != 0))
+        object.__setattr__(self, "news", news)
 
     def regions_of(self, index: int) -> npt.NDArray[np.uint64]:
         """The ``(n, 2)`` regions request ``index`` found, sorted (a region may be split in two touching rows)."""
         return self.regions[self.offsets[index] : self.offsets[index + 1]]
-
-    def with_news(self) -> npt.NDArray[np.intp]:
-        """Indices of the requests that found something or failed: the only ones a caller needs to look at."""
-        return np.flatnonzero((self.offsets[1:] != self.offsets[:-1]) | (self.errors != 0))
 
 
 class BatchScanner:
@@ -136,13 +140,18 @@ class BatchScanner:
         """Harvest every request (write-protecting what it reports), in one call while the buffer lasts."""
         array = requests.array
         n = len(array)
-        starts = array["start"].copy()
+        done = self._run(array, 0)
+        used = int(self._n_used.value)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        if done >= n:  # the common case: everything fitted in the buffer at once
+            np.cumsum(array["n_regions"], out=offsets[1:])
+            regions = self._buffer[:used, :2].copy() if used else _NO_REGIONS
+            return BatchResult(regions, offsets, array["error"].copy())
         counts = np.zeros(n, dtype=np.int64)
         chunks: list[npt.NDArray[np.uint64]] = []
+        resumed: dict[int, int] = {}
         first = 0
-        while first < n:
-            done = self._run(array, first)
-            used = int(self._n_used.value)
+        while True:
             if used:
                 chunks.append(self._buffer[:used, :2].copy())
             stop = min(done + 1, n)
@@ -150,13 +159,15 @@ class BatchScanner:
             if done >= n:
                 break
             # The buffer filled inside request `done`: continue it where the kernel stopped.
+            resumed.setdefault(done, int(array["start"][done]))
             array["start"][done] = array["resume_at"][done]
             first = done
-        array["start"] = starts
-        offsets = np.zeros(n + 1, dtype=np.int64)
+            done = self._run(array, first)
+            used = int(self._n_used.value)
+        for index, start in resumed.items():
+            array["start"][index] = start
         np.cumsum(counts, out=offsets[1:])
-        regions = np.concatenate(chunks) if len(chunks) > 1 else chunks[0] if chunks else np.empty((0, 2), np.uint64)
-        return BatchResult(regions, offsets, array["error"].copy())
+        return BatchResult(np.concatenate(chunks), offsets, array["error"].copy())
 
     def _run(self, array: npt.NDArray[np.void], first: int) -> int:
         """Requests ``first..`` into the buffer; the index where it filled, or ``len(array)``."""

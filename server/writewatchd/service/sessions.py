@@ -548,7 +548,10 @@ class SessionManager:
         ticker = self._tickers.get(interval_ms)
         if ticker is None:
             ticker = self._tickers[interval_ms] = Ticker(
-                self.executor, interval_ms, scan_threads=self.settings.scan_threads
+                self.executor,
+                interval_ms,
+                scan_threads=self.settings.scan_threads,
+                execs_reported=lambda: self.follower.mode == "events",
             )
         return ticker
 

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -99,13 +99,24 @@ class TickerStatistics:
 class Ticker:
     """Harvests the due ranges of every session of one tick interval, in one batched call per tick."""
 
-    def __init__(self, executor: Executor, interval_ms: int, *, scan_threads: int = 1) -> None:
+    def __init__(
+        self,
+        executor: Executor,
+        interval_ms: int,
+        *,
+        scan_threads: int = 1,
+        execs_reported: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """``execs_reported``: whether process events tell the sessions about execs now (then
+        the ticks skip the trackers' own once-a-second exec check)."""
         self.interval_ms = interval_ms
+        self._execs_reported = execs_reported
         self._executor = executor
         self.scheduler = HeatScheduler(interval_ms)
         self._scanners = [BatchScanner() for _ in range(max(1, scan_threads))]
         self._parts_executor = ThreadPoolExecutor(len(self._scanners) - 1, "scan") if scan_threads > 1 else None
         self._sessions: dict[str, Tickable] = {}
+        self._auto: dict[str, Tickable] = {}
         self._generations: dict[str, int] = {}
         self._touched: set[str] = set()
         self._busy: dict[str, int] = {}
@@ -122,6 +133,8 @@ class Ticker:
         if tracker is None:
             return
         self._sessions[session.session_id] = session
+        if tracker.auto:
+            self._auto[session.session_id] = session
         self._generations[session.session_id] = tracker.ranges_generation
         self.scheduler.add(
             session.session_id, tracker.pagemap_fd, tracker.tracked, max_staleness_ms=session.max_staleness_ms
@@ -132,6 +145,7 @@ class Ticker:
     async def discard(self, session: Tickable) -> None:
         """Stop harvesting ``session``; returns once no scan in flight uses its tracker."""
         self._sessions.pop(session.session_id, None)
+        self._auto.pop(session.session_id, None)
         self._generations.pop(session.session_id, None)
         self.scheduler.remove(session.session_id)
         await self._scanned.wait()
@@ -160,6 +174,7 @@ class Ticker:
         if session.session_id in self._sessions:
             self.scheduler.remove(session.session_id)
             self._sessions.pop(session.session_id)
+            self._auto.pop(session.session_id, None)
             self.add(session)
 
     def note_full_scan(self, session: Tickable, regions: RegionArray, started_ns: int) -> None:
@@ -236,8 +251,13 @@ class Ticker:
                 await session.complete_harvest(outcome)
 
     def _check_some(self, outcomes: dict[str, Published | BaseException | None]) -> None:
-        """The exec check and auto ranges of a slice of the sessions, so each comes up about once a second."""
-        sessions = list(self._sessions.values())
+        """The exec check and auto ranges of a slice of the sessions, so each comes up about once a second.
+
+        With process events reporting execs, only the sessions that follow ``/proc/PID/maps``
+        need it (the others cost nothing here).
+        """
+        exec_check = not self._execs_reported()
+        sessions = list(self._sessions.values()) if exec_check else [s for s in self._auto.values()]
         if not sessions:
             return
         n = min(len(sessions), -(-len(sessions) * self.interval_ms // 1000))
@@ -249,7 +269,7 @@ class Ticker:
             if tracker is None or key in self._busy:
                 continue
             try:
-                tracker.check(now_ns)
+                tracker.check(now_ns, exec_check=exec_check)
             except ProcessGone as exc:
                 outcomes[key] = exc
                 continue
@@ -265,7 +285,7 @@ class Ticker:
     def _gather(self, plan: TickPlan, result: BatchResult) -> dict[str, _Work]:
         """What each session with something to publish gets from this tick."""
         work: dict[str, _Work] = {}
-        news = result.with_news()
+        news = result.news
         if len(news):
             by_key: defaultdict[Hashable, list[int]] = defaultdict(list)
             for index, key in enumerate(plan.request_keys):

@@ -24,6 +24,7 @@ sessions; Python touches a session only when its scan found something. Thread-sa
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
@@ -78,11 +79,13 @@ class HeatPolicy:
     #: Smallest chunk; a session's chunks grow (powers of two) to keep at most ``max_chunks``.
     min_chunk_bytes: int = 2 * _MIB
     max_chunks: int = 4096
-    #: Shed level up after a tick late or busy by more than this fraction of the interval...
+    #: Shed level up when the ticks' load (lateness or work, a fraction of the interval,
+    #: smoothed over about 1 / ``load_smoothing`` ticks) exceeds this...
     overload_fraction: float = 0.5
     #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction``.
     calm_fraction: float = 0.25
     calm_ticks: int = 20
+    load_smoothing: float = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +120,14 @@ class TickPlan:
 
     now_ns: int
     requests: BatchRequests
-    request_keys: list[Hashable]
+    request_keys: npt.NDArray[np.object_]
     chunk_first: npt.NDArray[np.int64]
     chunk_count: npt.NDArray[np.int64]
     chunks: npt.NDArray[np.int64]
     generation: int
 
     def __len__(self) -> int:
-        return len(self.request_keys)
+        return len(self.requests)
 
 
 def pages_per_chunk(
@@ -205,19 +208,29 @@ class HeatScheduler:
         self.policy = policy or HeatPolicy()
         self.clock = clock
         self._tick_ns = tick_interval_ms * _NS_PER_MS
+        # Half a tick of slack: a chunk due "around now" is scanned now, not a tick later. Due
+        # times are kept per chunk and refreshed when heat, age or level change, and as heat
+        # decays (which only lengthens intervals, so a stale due time errs on scanning early).
+        self._slack_ns = self._tick_ns + self._tick_ns // 2
+        self._refresh_every_ns = self.policy.half_life_ms * _NS_PER_MS // 4
+        self._due_refreshed_ns = 0
         self._lock = threading.Lock()
         self._sessions: dict[Hashable, _Session] = {}
         self._order: list[_Session] = []
         self._dirty = False
         self._generation = 0
         self.shed_level = 0
+        self.load = 0.0
+        """The ticks' smoothed load: lateness or work as a fraction of the interval."""
         self._calm_run = 0
         self.max_shed_level_seen = 0
         self.n_ticks = 0
         self.n_ticks_late = 0
         self._empty_tables()
-        self._owner_firsts = np.empty(0, np.int64)
         self._counters = np.zeros((0, len(_COUNTERS)), np.int64)
+        self._keys = np.empty(0, dtype=object)
+        self._full_plan: TickPlan | None = None
+        self._chunks_per_row = np.empty(0, np.int64)
 
     def _empty_tables(self) -> None:
         self._session_of = np.empty(0, np.int64)
@@ -229,6 +242,11 @@ class HeatScheduler:
         self._heat_ns = np.empty(0, np.int64)
         self._last_scan_ns = np.empty(0, np.int64)
         self._staleness_ns = np.empty(0, np.int64)
+        self._due_ns = np.empty(0, np.int64)
+        self._nominal_due_ns = np.empty(0, np.int64)
+        self._pull_ns = np.empty(0, np.int64)
+        self._first_due_ns = 0
+        self._row_of = np.empty(0, np.int64)
 
     # -- sessions
 
@@ -259,7 +277,7 @@ class HeatScheduler:
             session = self._sessions.get(key)
             if session is not None:
                 session.max_staleness_ns = max(0, max_staleness_ms) * _NS_PER_MS
-                self._staleness_ns[session.first : session.first + session.count] = session.max_staleness_ns
+                self._rebuild()
 
     def __contains__(self, key: object) -> bool:
         return key in self._sessions
@@ -307,6 +325,8 @@ class HeatScheduler:
             session.first, session.count = position, n
             position += n
         self._order = order
+        self._keys = np.empty(len(order), dtype=object)
+        self._keys[:] = [session.key for session in order]
         if not order:
             self._empty_tables()
         else:
@@ -323,9 +343,17 @@ class HeatScheduler:
         owners = [session for session in order if session.count]
         for row, session in enumerate(owners):
             session.row = row
-        self._owner_firsts = np.array([session.first for session in owners], np.int64)
+        self._row_of = np.repeat(np.arange(len(owners), dtype=np.int64), [session.count for session in owners])
         self._counters = np.array([session.saved for session in owners], np.int64).reshape(len(owners), len(_COUNTERS))
+        self._due_ns = np.zeros(len(self._start), np.int64)
+        self._nominal_due_ns = np.zeros(len(self._start), np.int64)
+        self._pull_ns = np.zeros(len(self._start), np.int64)
+        self._refresh_due(self.clock())
         self._generation += 1
+        # Naive scanning (every bound a tick or less, max_staleness_ms=0): the same plan every tick.
+        self._chunks_per_row = np.array([session.count for session in owners], np.int64)
+        every_tick = bool(owners) and all(s.max_staleness_ns <= self._tick_ns for s in order)
+        self._full_plan = self._plan_of(np.arange(len(self._start)), 0) if every_tick else None
 
     def _save_counters(self) -> None:
         for session in self._order:
@@ -349,15 +377,18 @@ class HeatScheduler:
         temperature[heat >= policy.hot_fraction] = Temperature.HOT
         return temperature
 
-    def _intervals(self, temperature: npt.NDArray[np.int8], level: int) -> npt.NDArray[np.int64]:
+    def _intervals(
+        self, temperature: npt.NDArray[np.int8], level: int, staleness: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.int64]:
         """Scan interval of each chunk at shed ``level`` (capped by its staleness bound)."""
         tick = self._tick_ns
         hot = tick << max(0, level - 1)
-        warm = self._staleness_ns if level >= 1 else np.int64(tick * self.policy.warm_every_ticks)
+        warm = staleness if level >= 1 else np.int64(tick * self.policy.warm_every_ticks)
         intervals = np.where(
-            temperature == Temperature.HOT, hot, np.where(temperature == Temperature.WARM, warm, self._staleness_ns)
+            temperature == Temperature.HOT, hot, np.where(temperature == Temperature.WARM, warm, staleness)
         )
-        result: npt.NDArray[np.int64] = np.minimum(intervals, self._staleness_ns)
+        # A bound of a tick or less: every tick.
+        result: npt.NDArray[np.int64] = np.maximum(np.minimum(intervals, staleness), tick)
         return result
 
     # -- ticks
@@ -369,80 +400,125 @@ class HeatScheduler:
             n = len(self._start)
             if n == 0:
                 return _empty_plan(now, self._generation)
-            temperature = self._temperatures(self._heat_at(now))
-            age = now - self._last_scan_ns
-            # Half a tick of slack: a chunk due "around now" is scanned now, not a tick later.
-            reach = age + self._tick_ns + self._tick_ns // 2
-            due = reach > self._intervals(temperature, self.shed_level)
-            nominal_due = reach > self._intervals(temperature, 0) if self.shed_level else due
-            lag = np.maximum(age - self._intervals(temperature, 0), 0)
-            self._note_sessions(due, nominal_due, lag, late_ns > self._tick_ns // 2)
+            if self._full_plan is not None and not skip:
+                return self._every_tick_plan(now, late_ns > self._tick_ns // 2)
+            if now - self._due_refreshed_ns >= self._refresh_every_ns:
+                self._refresh_due(now)  # heat decayed: intervals only grow, so this can wait
+            if now <= self._first_due_ns:  # nothing due (nominal due times come first)
+                self._counters[:, 0] = 0
+                return _empty_plan(now, self._generation)
+            nominal_due = now > self._nominal_due_ns
+            due = now + self._pull_ns > self._due_ns
+            self._note_sessions(now, due, nominal_due, late_ns > self._tick_ns // 2)
             if skip:
                 for key in skip:
                     session = self._sessions.get(key)
                     if session is not None:
                         due[session.first : session.first + session.count] = False
-            chunks = np.flatnonzero(due)
-            if len(chunks) == 0:
-                return _empty_plan(now, self._generation)
-            # Coalesce: a due chunk continues the previous request when it is the next chunk of
-            # the same session and starts where that one ends.
-            continues = np.zeros(len(chunks), bool)
-            if len(chunks) > 1:
-                previous, current = chunks[:-1], chunks[1:]
-                continues[1:] = (
-                    (current == previous + 1)
-                    & (self._session_of[current] == self._session_of[previous])
-                    & (self._start[current] == self._end[previous])
-                )
-            heads = np.flatnonzero(~continues)
-            first = chunks[heads]
-            last = chunks[np.append(heads[1:], len(chunks)) - 1]
-            requests = BatchRequests(self._fd[first], self._start[first], self._end[last])
-            keys = [self._order[i].key for i in self._session_of[first].tolist()]
-            return TickPlan(
-                now,
-                requests,
-                keys,
-                first.astype(np.int64),
-                (last - first + 1).astype(np.int64),
-                chunks,
-                self._generation,
+            return self._plan_of(np.flatnonzero(due), now)
+
+    def _plan_of(self, chunks: npt.NDArray[np.intp], now_ns: int) -> TickPlan:
+        """The requests scanning ``chunks`` (sorted): adjacent chunks of a session in one request."""
+        if len(chunks) == 0:
+            return _empty_plan(now_ns, self._generation)
+        # A due chunk continues the previous request when it is the next chunk of the same
+        # session and starts where that one ends.
+        continues = np.zeros(len(chunks), bool)
+        if len(chunks) > 1:
+            previous, current = chunks[:-1], chunks[1:]
+            continues[1:] = (
+                (current == previous + 1)
+                & (self._session_of[current] == self._session_of[previous])
+                & (self._start[current] == self._end[previous])
             )
+        heads = np.flatnonzero(~continues)
+        first = chunks[heads]
+        last = chunks[np.append(heads[1:], len(chunks)) - 1]
+        return TickPlan(
+            now_ns,
+            BatchRequests(self._fd[first], self._start[first], self._end[last]),
+            self._keys[self._session_of[first]],
+            first.astype(np.int64),
+            (last - first + 1).astype(np.int64),
+            chunks.astype(np.int64),
+            self._generation,
+        )
+
+    def _every_tick_plan(self, now_ns: int, late: bool) -> TickPlan:
+        """The plan when every session's bound is a tick or less: all chunks, built once per rebuild."""
+        counters = self._counters
+        counters[:, 0] = 0
+        counters[:, 2] += 1
+        if late:
+            counters[:, 3] += 1
+        counters[:, 4] += self._chunks_per_row
+        counters[:, 5] += 1
+        full = self._full_plan
+        assert full is not None
+        return dataclasses.replace(full, now_ns=now_ns)
 
     def _note_sessions(
-        self, due: npt.NDArray[np.bool_], nominal_due: npt.NDArray[np.bool_], lag: npt.NDArray[np.int64], late: bool
+        self, now_ns: int, due: npt.NDArray[np.bool_], nominal_due: npt.NDArray[np.bool_], late: bool
     ) -> None:
-        """Per-session counters of this tick, in a few vectorised passes."""
-        firsts = self._owner_firsts
-        if not len(firsts):
-            return
+        """Per-session counters of this tick, from the (usually few) chunks that are due."""
         counters = self._counters
-        any_due = np.logical_or.reduceat(nominal_due, firsts)
-        shed = np.logical_or.reduceat(nominal_due & ~due, firsts) | late
-        lags = np.maximum.reduceat(lag, firsts)
-        counters[:, 0] = lags
-        np.maximum(counters[:, 1], lags, out=counters[:, 1])
-        counters[:, 2] += any_due
-        counters[:, 3] += any_due & shed
-        scans = np.add.reduceat(due.astype(np.int64), firsts)
+        n_rows = len(counters)
+        counters[:, 0] = 0
+        wanted = np.flatnonzero(nominal_due)
+        if len(wanted) == 0:
+            return
+        rows = self._row_of[wanted]
+        # Lag: how far past its nominal interval a chunk is (the due rule's slack removed);
+        # usually no chunk is, so the per-session maximum runs over none.
+        lag = now_ns - self._nominal_due_ns[wanted] - self._slack_ns
+        behind = lag > 0
+        if behind.any():
+            np.maximum.at(counters[:, 0], rows[behind], lag[behind])
+            np.maximum(counters[:, 1], counters[:, 0], out=counters[:, 1])
+        was_due = np.bincount(rows, minlength=n_rows) > 0
+        counters[:, 2] += was_due
+        if late:
+            counters[:, 3] += was_due
+        elif self.shed_level:
+            counters[:, 3] += np.bincount(self._row_of[nominal_due & ~due], minlength=n_rows) > 0
+        scans = np.bincount(self._row_of[due], minlength=n_rows)
         counters[:, 4] += scans
         counters[:, 5] += scans > 0
+
+    def _refresh_due(self, now_ns: int, index: npt.NDArray[np.int64] | slice = slice(None)) -> None:
+        """When chunks come due, at the shed level and nominally, from their heat at ``now_ns``."""
+        temperature = self._temperatures(self._heat_at(now_ns, index))
+        last = self._last_scan_ns[index]
+        staleness = self._staleness_ns[index]
+        intervals = self._intervals(temperature, self.shed_level, staleness)
+        self._due_ns[index] = last + intervals - self._slack_ns
+        self._nominal_due_ns[index] = last + self._intervals(temperature, 0, staleness) - self._slack_ns
+        # A chunk scanned at its staleness bound may go up to a quarter of it early, with
+        # whatever else is due: the cold scans of many sessions gather on a few ticks, and
+        # the ticks between them find nothing due (and cost next to nothing).
+        self._pull_ns[index] = np.where(intervals >= staleness, staleness // 4, 0)
+        if isinstance(index, slice) and index == slice(None):
+            self._due_refreshed_ns = now_ns
+        self._first_due_ns = int(self._nominal_due_ns.min()) if len(self._nominal_due_ns) else 0
 
     def complete(self, plan: TickPlan, result: BatchResult) -> None:
         """Record what a planned tick scanned and found (failed requests count as scanned)."""
         with self._lock:
             if plan.generation != self._generation or len(plan) == 0:
                 return  # the chunks changed meanwhile: the heat of this tick is dropped, ages stay conservative
-            chunks = plan.chunks
-            self._heat[chunks] = self._heat_at(plan.now_ns, chunks)
-            self._heat_ns[chunks] = plan.now_ns
-            self._last_scan_ns[chunks] = plan.now_ns
-            for index in result.with_news().tolist():
+            full = self._full_plan is not None and plan.chunk_first is self._full_plan.chunk_first
+            # Heat decays lazily (from heat_ns): only chunks that were written need an update.
+            for index in result.news.tolist():
                 first = int(plan.chunk_first[index])
                 span = slice(first, first + int(plan.chunk_count[index]))
                 written = pages_per_chunk(self._start[span], self._end[span], merge(result.regions_of(index)))
-                self._heat[span] += written / self._n_pages[span]
+                self._heat[span] = self._heat_at(plan.now_ns, span) + written / self._n_pages[span]
+                self._heat_ns[span] = plan.now_ns
+            if full:  # every chunk, every tick: due times do not matter
+                self._last_scan_ns[:] = plan.now_ns
+                return
+            self._last_scan_ns[plan.chunks] = plan.now_ns
+            self._refresh_due(plan.now_ns, plan.chunks)
 
     def note_full_scan(self, key: Hashable, regions: RegionArray, started_ns: int) -> None:
         """A full harvest of the session (flush, harvest, view) that started at ``started_ns`` found ``regions``."""
@@ -451,16 +527,20 @@ class HeatScheduler:
             if session is None or session.count == 0:
                 return
             span = slice(session.first, session.first + session.count)
-            heat = self._heat_at(started_ns, np.arange(span.start, span.stop))
+            heat = self._heat_at(started_ns, span)
             written = pages_per_chunk(self._start[span], self._end[span], regions) if len(regions) else 0
             self._heat[span] = heat + written / self._n_pages[span]
             self._heat_ns[span] = started_ns
             self._last_scan_ns[span] = np.maximum(self._last_scan_ns[span], started_ns)
+            self._refresh_due(started_ns, np.arange(span.start, span.stop))
 
     def note_tick(self, late_ns: int, busy_ns: int) -> None:
         """How late a tick started and how long its work took: moves the shed level."""
         policy = self.policy
-        load = max(late_ns, busy_ns) / self._tick_ns
+        # Smoothed: one tick the machine descheduled is noise, a run of them is overload.
+        sample = max(late_ns, busy_ns) / self._tick_ns
+        self.load += policy.load_smoothing * (sample - self.load)
+        load = self.load
         self.n_ticks += 1
         if late_ns > self._tick_ns // 2:
             self.n_ticks_late += 1
@@ -468,14 +548,22 @@ class HeatScheduler:
             self._calm_run = 0
             if self.shed_level < self._max_level():
                 self.shed_level += 1
+                self._refresh_level()
                 self.max_shed_level_seen = max(self.max_shed_level_seen, self.shed_level)
+                self.load = policy.overload_fraction  # give the new level a few ticks to show
         elif load < policy.calm_fraction:
             self._calm_run += 1
             if self._calm_run >= policy.calm_ticks and self.shed_level:
                 self.shed_level -= 1
+                self._refresh_level()
                 self._calm_run = 0
         else:
             self._calm_run = 0
+
+    def _refresh_level(self) -> None:
+        with self._lock:
+            if len(self._start):
+                self._refresh_due(self.clock())
 
     def _max_level(self) -> int:
         """The level past which nothing more can be shed (hot intervals reach the largest bound)."""
@@ -518,4 +606,4 @@ class HeatScheduler:
 
 def _empty_plan(now_ns: int, generation: int) -> TickPlan:
     nothing = np.empty(0, np.int64)
-    return TickPlan(now_ns, BatchRequests([], [], []), [], nothing, nothing, nothing, generation)
+    return TickPlan(now_ns, BatchRequests([], [], []), np.empty(0, object), nothing, nothing, nothing, generation)

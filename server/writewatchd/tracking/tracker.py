@@ -225,11 +225,13 @@ class Tracker:
             self._ranges_list = [(start, end) for start, end in regions.tolist()]
         return self._ranges_list
 
-    def check(self, now_ns: int | None = None) -> None:
+    def check(self, now_ns: int | None = None, *, exec_check: bool = True) -> None:
         """What a harvest does before scanning, for a batched tick: the exec check (at most once
-        a second) and, in auto mode, following ``/proc/PID/maps``. Raises :class:`ProcessGone`."""
+        a second; ``exec_check`` false when process events report execs) and, in auto mode,
+        following ``/proc/PID/maps``. Raises :class:`ProcessGone`."""
         with self._lock:
-            self._check_same_mm(time.perf_counter_ns() if now_ns is None else now_ns)
+            if exec_check:
+                self._check_same_mm(time.perf_counter_ns() if now_ns is None else now_ns)
             if self.auto:
                 self._refresh_auto()
 
