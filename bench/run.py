@@ -134,6 +134,7 @@ SECTIONS: dict[str, Callable[[bool], Section]] = {
     "win32": _module_section("win32"),
     "jetstream": _module_section("jetstream"),
     "proctrees": _module_section("proctrees"),
+    "heat": _module_section("heat"),
 }
 
 

@@ -21,6 +21,7 @@ SECTION_TITLES = [
     "7. Win32 shape",
     "8. JetStream export",
     "9. Following exec and fork",
+    "10. Heat scheduling",
 ]
 
 
