@@ -86,7 +86,17 @@ def test_attach_parses_ranges_and_labels(address: str, fake: FakeWriteWatch) -> 
     assert request.attach_mode == pb.ATTACH_MODE_COOPERATIVE and request.uffd_fd == 5
     assert [(r.start_address, r.end_address) for r in request.ranges] == [(0x1000, 0x3000), (0x10000, 0x20000)]
     assert dict(request.labels) == {"k": "v"}
+    assert not request.HasField("max_staleness_ms")  # unset: the daemon's default
     assert data["attach_mode"] == "ATTACH_MODE_COOPERATIVE"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("command", [["attach", "1234", "--auto"], ["spawn", "--auto", "--", "prog"]])
+def test_max_staleness_is_passed_as_given_zero_included(address: str, fake: FakeWriteWatch, command: list[str]) -> None:
+    for value in ("0", "250"):
+        result = runner.invoke(cli.app, ["-a", address, command[0], "--max-staleness-ms", value, *command[1:]])
+        assert result.exit_code == 0, result.output
+        request = fake.requests["CreateSession"][-1]
+        assert request.HasField("max_staleness_ms") and request.max_staleness_ms == int(value)
 
 
 def test_attach_range_and_auto_conflict(address: str, fake: FakeWriteWatch) -> None:
