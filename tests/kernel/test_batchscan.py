@@ -100,18 +100,24 @@ def test_a_failing_range_keeps_its_errno_and_the_batch_goes_on(armed: list[Armed
     assert result.news.tolist() == [0, 1]
 
 
-def test_parallel_parts_report_what_one_batch_would(armed: list[Armed], compiled: bool) -> None:
-    scanners = [BatchScanner(compiled=compiled) for _ in range(2)]
-    requests, owners = _requests(armed, split_pages=8)
+@pytest.mark.parametrize("split_pages", [8, 96])
+def test_parallel_parts_report_what_one_batch_would(
+    armed: list[Armed], compiled: bool, split_pages: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Split across threads, also inside one range (96: one request per target, cut in pieces)."""
+    import writewatchd.kernel.batchscan as batchscan
+
+    monkeypatch.setattr(batchscan, "_MIN_PAGES_PER_PART", 1)  # split even this small batch
+    monkeypatch.setattr(batchscan, "_PIECE_ALIGN", 4 * PAGE)
+    scanners = [BatchScanner(compiled=compiled) for _ in range(3)]
+    requests, owners = _requests(armed, split_pages=split_pages)
     scanners[0].harvest(requests)
+    armed[1].uffd.unregister(armed[1].target.base + 40 * PAGE, PAGE)  # one piece of one range fails
     written = [t.target.random_writes(7, 30) for t in armed]
     with ThreadPoolExecutor(2) as executor:
-        import writewatchd.kernel.batchscan as batchscan
-
-        minimum = batchscan._MIN_PAGES_PER_PART
-        batchscan._MIN_PAGES_PER_PART = 1  # split even this small batch
-        try:
-            result = harvest_parallel(scanners, requests, executor)
-        finally:
-            batchscan._MIN_PAGES_PER_PART = minimum
-    assert _found(armed, [result.regions_of(i) for i in range(len(requests))], owners) == written
+        result = harvest_parallel(scanners, requests, executor)
+    found = _found(armed, [result.regions_of(i) for i in range(len(requests))], owners)
+    failed = {owners[i] for i in np.flatnonzero(result.errors)}
+    assert failed == {1}
+    assert [f for i, f in enumerate(found) if i not in failed] == [w for i, w in enumerate(written) if i not in failed]
+    assert len(result.offsets) == len(requests) + 1

@@ -53,6 +53,7 @@ _NO_REGIONS.flags.writeable = False
 _DEFAULT_CAPACITY_REGIONS = 1 << 16
 # Below this many pages to walk, splitting a batch across threads costs more than it saves.
 _MIN_PAGES_PER_PART = 1 << 18
+_PIECE_ALIGN = 2 << 20
 
 
 @functools.cache
@@ -224,17 +225,46 @@ class BatchScanner:
 def harvest_parallel(
     scanners: Sequence[BatchScanner], requests: BatchRequests, executor: Executor | None
 ) -> BatchResult:
-    """``requests`` split across ``scanners`` (one thread each) when the kernel's walk is long enough to gain."""
-    n_parts = min(len(scanners), max(1, requests.n_pages // _MIN_PAGES_PER_PART), len(requests))
+    """``requests`` split across ``scanners`` when the kernel's walk is long enough to gain.
+
+    Requests are cut into pieces (on 2 MiB boundaries) so that even one huge range is shared;
+    the result is per request, as :meth:`BatchScanner.harvest` returns it. The first part runs
+    in the calling thread, each other part in a thread of ``executor`` (which must not be the
+    caller's own pool: the caller waits for them).
+    """
+    n_parts = min(len(scanners), requests.n_pages // _MIN_PAGES_PER_PART)
     if n_parts <= 1 or executor is None:
         return scanners[0].harvest(requests)
-    sizes = (requests.array["end"] - requests.array["start"]).astype(np.float64)
-    cuts = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), n_parts + 1)[1:-1])
-    bounds = [0, *sorted({int(c) + 1 for c in cuts if 0 < int(c) + 1 < len(requests)}), len(requests)]
-    parts = [BatchRequests.of_array(requests.array[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
-    futures = [executor.submit(scanner.harvest, part) for scanner, part in zip(scanners, parts, strict=False)]
-    results = [future.result() for future in futures]
+    array = requests.array
+    starts, ends = array["start"].astype(np.int64), array["end"].astype(np.int64)
+    share = max(_PIECE_ALIGN, -(-int((ends - starts).sum()) // n_parts) // _PIECE_ALIGN * _PIECE_ALIGN)
+    # Cut points inside each request: the multiples of `share` past its start.
+    owners: list[int] = []
+    piece_starts: list[int] = []
+    piece_ends: list[int] = []
+    for index, (start, end) in enumerate(zip(starts.tolist(), ends.tolist(), strict=True)):
+        cut = start
+        while cut < end:
+            following = min(end, (cut // share + 1) * share)
+            owners.append(index)
+            piece_starts.append(cut)
+            piece_ends.append(following)
+            cut = following
+    pieces = BatchRequests(array["fd"][owners], piece_starts, piece_ends)
+    sizes = np.asarray(piece_ends, np.float64) - np.asarray(piece_starts, np.float64)
+    cuts = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), n_parts + 1)[1:-1], side="right")
+    bounds = [0, *sorted({int(c) for c in cuts if 0 < int(c) < len(pieces)}), len(pieces)]
+    parts = [BatchRequests.of_array(pieces.array[lo:hi]) for lo, hi in itertools.pairwise(bounds)]
+    # The first part runs in this thread, the others in the executor's.
+    futures = [executor.submit(scanner.harvest, part) for scanner, part in zip(scanners[1:], parts[1:], strict=False)]
+    results = [scanners[0].harvest(parts[0]), *(future.result() for future in futures)]
     regions = np.concatenate([r.regions for r in results])
+    piece_counts = np.concatenate([np.diff(r.offsets) for r in results])
+    piece_errors = np.concatenate([r.errors for r in results])
+    owner_array = np.asarray(owners, np.int64)
     offsets = np.zeros(len(requests) + 1, dtype=np.int64)
-    np.cumsum(np.concatenate([np.diff(r.offsets) for r in results]), out=offsets[1:])
-    return BatchResult(regions, offsets, np.concatenate([r.errors for r in results]))
+    np.cumsum(np.bincount(owner_array, weights=piece_counts, minlength=len(requests)).astype(np.int64), out=offsets[1:])
+    errors = np.zeros(len(requests), np.int32)
+    failed = piece_errors != 0
+    errors[owner_array[failed][::-1]] = piece_errors[failed][::-1]  # the first failure of each request
+    return BatchResult(regions, offsets, errors)
