@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -35,6 +36,8 @@ from ..tracking.tracker import Tracker
 from .hub import Published
 
 __all__ = ["MAX_TICK_INTERVAL_MS", "Tickable", "Ticker", "TickerStatistics", "tick_interval_ms"]
+
+log = logging.getLogger(__name__)
 
 MAX_TICK_INTERVAL_MS = 3_600_000
 # A batch that walks fewer pages than this runs on the event loop (~0.1 ms of kernel time).
@@ -221,6 +224,9 @@ class Ticker:
             self._idle.clear()
             try:
                 await self._tick(late_ns)
+            except Exception:
+                # A tick must never stop the ticks of every session: log, and tick again.
+                log.exception("tick of the %d ms interval failed", self.interval_ms)
             finally:
                 self._idle.set()
             self.scheduler.note_tick(late_ns, time.monotonic_ns() - started_ns)
