@@ -86,6 +86,9 @@ class HeatPolicy:
     calm_fraction: float = 0.25
     calm_ticks: int = 20
     load_smoothing: float = 0.25
+    #: A tick that scans anyway takes at most this many cold chunks (and pages) early.
+    pull_max_chunks: int = 64
+    pull_max_pages: int = 1 << 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -303,7 +306,7 @@ class HeatScheduler:
             heat_ns = np.zeros(n, np.int64)
             last = np.zeros(n, np.int64)
             if fresh is not None and session.key in fresh:
-                last[:] = fresh[session.key]
+                last[:] = fresh[session.key] - self._stagger(n, session.max_staleness_ns)
             elif id(session) in old_index and n:
                 # Chunks of the same start carry over; a new chunk keeps age 0 scans (due now).
                 mine = old[0] == old_index[id(session)]
@@ -408,7 +411,8 @@ class HeatScheduler:
                 self._counters[:, 0] = 0
                 return _empty_plan(now, self._generation)
             nominal_due = now > self._nominal_due_ns
-            due = now + self._pull_ns > self._due_ns
+            due = now > self._due_ns
+            self._pull_early(now, due)
             self._note_sessions(now, due, nominal_due, late_ns > self._tick_ns // 2)
             if skip:
                 for key in skip:
@@ -416,6 +420,30 @@ class HeatScheduler:
                     if session is not None:
                         due[session.first : session.first + session.count] = False
             return self._plan_of(np.flatnonzero(due), now)
+
+    def _pull_early(self, now_ns: int, due: npt.NDArray[np.bool_]) -> None:
+        """Add to a tick that scans anyway the cold chunks that come due soonest, within a small budget.
+
+        The cold scans of many small sessions then gather on a few ticks, and the ticks between
+        find nothing due. The budget keeps the tick short: a big session's cold sweep stays
+        spread over its ticks (its chunks' first scans are staggered for that).
+        """
+        candidates = np.flatnonzero((now_ns + self._pull_ns > self._due_ns) & ~due)
+        if len(candidates) == 0:
+            return
+        policy = self.policy
+        candidates = candidates[np.argsort(self._due_ns[candidates], kind="stable")][: policy.pull_max_chunks]
+        within = np.cumsum(self._n_pages[candidates]) <= policy.pull_max_pages
+        due[candidates[within]] = True
+
+    def _stagger(self, n_chunks: int, staleness_ns: int) -> npt.NDArray[np.int64]:
+        """How much older than it is to take each chunk's last scan, so that its chunks do not
+        all come due on the same tick (taking a scan older is always safe: it comes due earlier)."""
+        span_ns = staleness_ns - 2 * self._tick_ns
+        if span_ns <= 0 or n_chunks <= 1:
+            return np.zeros(n_chunks, np.int64)
+        offsets: npt.NDArray[np.int64] = (np.arange(n_chunks, dtype=np.int64) * self._tick_ns) % span_ns
+        return offsets
 
     def _plan_of(self, chunks: npt.NDArray[np.intp], now_ns: int) -> TickPlan:
         """The requests scanning ``chunks`` (sorted): adjacent chunks of a session in one request."""
@@ -531,7 +559,8 @@ class HeatScheduler:
             written = pages_per_chunk(self._start[span], self._end[span], regions) if len(regions) else 0
             self._heat[span] = heat + written / self._n_pages[span]
             self._heat_ns[span] = started_ns
-            self._last_scan_ns[span] = np.maximum(self._last_scan_ns[span], started_ns)
+            staggered = started_ns - self._stagger(session.count, session.max_staleness_ns)
+            self._last_scan_ns[span] = np.maximum(self._last_scan_ns[span], staggered)
             self._refresh_due(started_ns, np.arange(span.start, span.stop))
 
     def note_tick(self, late_ns: int, busy_ns: int) -> None:
