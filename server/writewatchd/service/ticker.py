@@ -165,12 +165,22 @@ class Ticker:
             self._busy[key] -= 1
             if not self._busy[key]:
                 del self._busy[key]
-            tracker = session.tracker
-            changed = tracker is not None and (
-                tracker.has_pending or tracker.ranges_generation != self._generations.get(key)
-            )
-            if changed and key in self._sessions:
-                self._touched.add(key)  # the block changed the ranges: the next tick reports and reschedules
+            if key in self._sessions:
+                self._sync_ranges(session)
+
+    def _sync_ranges(self, session: Tickable) -> None:
+        """After the tracker may have changed its ranges: reschedule them at once (a tick must
+        never scan a range that is no longer registered: the failed scan would report it
+        written), and let the next tick report newly tracked ranges."""
+        tracker = session.tracker
+        if tracker is None:
+            return
+        key = session.session_id
+        if tracker.ranges_generation != self._generations.get(key):
+            self._generations[key] = tracker.ranges_generation
+            self.scheduler.set_ranges(key, tracker.tracked)
+        if tracker.has_pending:
+            self._touched.add(key)
 
     def replace(self, session: Tickable) -> None:
         """``session`` has a new tracker (a followed exec): schedule its ranges afresh."""
@@ -279,8 +289,7 @@ class Ticker:
             except ProcessGone as exc:
                 outcomes[key] = exc
                 continue
-            if tracker.ranges_generation != self._generations.get(key):
-                self._touched.add(key)
+            self._sync_ranges(session)
         self._check_cursor = (self._check_cursor + n) % len(sessions)
 
     def _scan(self, plan: TickPlan) -> BatchResult:
@@ -330,7 +339,7 @@ class Ticker:
                 outcomes[key] = exc
             if tracker.ranges_generation != self._generations.get(key):
                 self._generations[key] = tracker.ranges_generation
-                self.scheduler.set_ranges(key, tracker.tracked)
+                self.scheduler.set_ranges(key, tracker.tracked)  # a lost range re-registered
         return outcomes
 
 
