@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from targets import traced_by_another_process
+from targets import CoopTarget, traced_by_another_process
 from writewatchd import AccessDenied, FeatureUnavailable, InjectionRefused, ProcessGone
 from writewatchd.kernel._libc import syscall
 from writewatchd.kernel.inject import InjectionResult, _window, attach, inject_userfaultfd
@@ -329,6 +329,39 @@ def test_sigstop_in_the_window_leaves_the_target_stopped(
     assert target.tracer() == 0
     os.kill(target.pid, signal.SIGCONT)
     assert_unharmed(target)
+
+
+def test_target_killed_in_the_window_can_be_reaped_by_its_parent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A child of ours (the launched targets are re-parented away): only its parent can reap it,
+    # and it cannot while the helper, its tracer, has not waited for the dead thread.
+    target = CoopTarget(16)
+    try:
+        monkeypatch.setattr(inject_helper, "_TEST_PAUSE_IN_WINDOW_S", 0.3)
+        outcome: list[object] = []
+
+        def inject() -> None:
+            try:
+                outcome.append(inject_userfaultfd(target.pid))
+            except ProcessGone as gone:
+                outcome.append(gone)
+
+        injector = threading.Thread(target=inject)
+        injector.start()
+        wait_for(lambda: _tracer_of(target.pid) != 0)
+        target.proc.kill()  # stopped in the window: the helper learns of it from its next ptrace call
+        injector.join(10)
+        assert len(outcome) == 1 and isinstance(outcome[0], ProcessGone)
+        # Without the helper's wait for the dead thread this blocked for as long as the helper lived.
+        assert target.proc.wait(5) == -signal.SIGKILL
+    finally:
+        target.kill()
+
+
+def _tracer_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    return 0
 
 
 def test_stopped_target_stays_stopped(launch: Callable[..., Target]) -> None:

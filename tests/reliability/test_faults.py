@@ -154,9 +154,10 @@ def _kill_during(client: writewatch.Client, phase: str, rng: random.Random) -> t
             thread.start()
             time.sleep(rng.uniform(0, 0.01))
             # Killed mid-injection, the target is reported to its tracer (the daemon's helper)
-            # before its parent can reap it: allow the helper its deadline on a loaded machine.
+            # before its parent can reap it; the helper collects it before it answers, within
+            # its stop deadline (1 s) and its bound on a dying thread (5 s).
             target.proc.kill()
-            target.proc.wait(30)
+            target.proc.wait(10)
             thread.join(30)
             assert not thread.is_alive(), f"{phase}: the attach hung after its target was killed"
     finally:

@@ -33,8 +33,9 @@ __all__ = [
     "getregs",
     "getsiginfo",
     "interrupt",
-    "require_x86_64",
     "ptrace_raw",
+    "reap_dead_tracee",
+    "require_x86_64",
     "resume",
     "seize",
     "setoptions",
@@ -300,6 +301,23 @@ def wait_stop(tid: int, deadline_ns: int) -> WaitStatus | None:
             signal.sigtimedwait((signal.SIGCHLD,), min(_SIGCHLD_WAIT_CAP_S, (deadline_ns - now_ns) / 1e9))
         else:
             time.sleep(_SLEEP_S)
+
+
+def reap_dead_tracee(tid: int, timeout_s: float) -> None:
+    """Wait (bounded) for our tracee ``tid`` to finish dying, and collect it.
+
+    Call it when a ptrace request failed because the tracee died (ESRCH). A traced thread's
+    death is reported to its tracer, and its real parent cannot reap it until the tracer has
+    waited for it (docs/injection.md): a target killed in the window stayed unreapable for
+    as long as the helper lived. A stop reported before the death is passed over; a thread
+    already collected, or never ours, returns at once.
+    """
+    deadline_ns = time.monotonic_ns() + int(timeout_s * 1e9)
+    try:
+        while (status := wait_stop(tid, deadline_ns)) is not None and not status.gone:
+            pass
+    except ProcessGone:
+        return
 
 
 def require_x86_64() -> None:

@@ -35,6 +35,7 @@ from ..ptrace import (
     getregs,
     getsiginfo,
     interrupt,
+    reap_dead_tracee,
     seize,
     setoptions,
     setregs,
@@ -401,6 +402,9 @@ def prioritized() -> Iterator[None]:
         os.setpriority(os.PRIO_PROCESS, 0, previous)
 
 
+# How long a tracee killed in our hands may take to finish dying (its memory is freed first).
+_REAP_TIMEOUT_S = 5.0
+
 # How long a refused PTRACE_SEIZE waits to tell a dying target from a forbidden one.
 _EXITING_GRACE_S = 0.2
 
@@ -420,13 +424,17 @@ def stop_thread(
         if select.select([pidfd], [], [], _EXITING_GRACE_S)[0]:
             raise ProcessGone(errno.ESRCH, f"process {pid} exited during injection") from None
         raise
-    if compiled is not None:
-        if not compiled.stop(deadline_ns):
-            raise _stuck_at_stop(pid, tid)
-        return compiled
-    interrupt_ns = time.monotonic_ns()
-    interrupt(tid)
-    status = wait_stop(tid, deadline_ns)
+    try:
+        if compiled is not None:
+            if not compiled.stop(deadline_ns):
+                raise _stuck_at_stop(pid, tid)
+            return compiled
+        interrupt_ns = time.monotonic_ns()
+        interrupt(tid)
+        status = wait_stop(tid, deadline_ns)
+    except ProcessGone:
+        reap_dead_tracee(tid, _REAP_TIMEOUT_S)
+        raise
     if status is None:
         raise _stuck_at_stop(pid, tid)
     if status.gone:
@@ -461,10 +469,24 @@ def steal_uffd(
         if stolen >= 0:
             os.close(stolen)
         with contextlib.suppress(ProcessGone):
-            session.restore_and_detach()
+            _release(session)
         raise
-    session.restore_and_detach()
+    try:
+        _release(session)
+    except ProcessGone:
+        if stolen >= 0:
+            os.close(stolen)
+        raise
     return stolen
+
+
+def _release(session: PythonWindow | CompiledWindow) -> None:
+    """Restore and detach; a thread killed in the window is collected instead (ProcessGone)."""
+    try:
+        session.restore_and_detach()
+    except ProcessGone:
+        reap_dead_tracee(session.tid, _REAP_TIMEOUT_S)
+        raise
 
 
 _UFFD_REFUSALS = {errno.EPERM: InjectionRefused, errno.EACCES: InjectionRefused}
