@@ -66,6 +66,10 @@ class ProcessHandle:
         """Whether the process has exited (or this handle was closed); never blocks."""
         return self._fd < 0 or bool(self._poll.poll(0))
 
+    def wait_exited(self, timeout_s: float) -> bool:
+        """Whether the process exits within ``timeout_s`` (blocks up to that long)."""
+        return self._fd < 0 or bool(self._poll.poll(max(0, round(timeout_s * 1000))))
+
     def close(self) -> None:
         """Close the pidfd; idempotent."""
         if self._fd >= 0:

@@ -30,6 +30,7 @@ __all__ = [
     "Readopted",
     "SessionSpec",
     "SharesMemory",
+    "has_executed",
     "process_cmdline",
     "process_name",
     "process_uid",
@@ -189,12 +190,15 @@ def retrack_after_exec(record: SessionRecord, old: Tracker | None, *, inject_dea
     pid = record.pid
     identity = ProcessIdentity(pid, record.start_time_ticks)
     for _ in range(_EXEC_RETRIES):
+        # The exit is checked before the fingerprint is read: an exiting process releases
+        # its mm (its stat then reads zeros) before its pidfd turns readable, so once the
+        # pidfd is found unreadable, a fingerprint read after is the old one, zeros, or an exec's.
+        if old is not None and old.has_exited():
+            raise ProcessGone(errno.ESRCH, f"process {pid} has exited")
         before = mm_fingerprint(pid)
         if not any(before) or not identity.is_alive():
-            # An exiting process has released its mm (its stat reads zeros), like a zombie:
-            # that would look like a new program.
             raise ProcessGone(errno.ESRCH, f"process {pid} has exited")
-        if old is not None and old.mm_fingerprint == before and not old.has_exited():
+        if old is not None and old.mm_fingerprint == before:
             return None
         why = gained_privileges(pid)
         if why:
@@ -207,6 +211,25 @@ def retrack_after_exec(record: SessionRecord, old: Tracker | None, *, inject_dea
         tracker.close()
         old = None
     raise KernelError(0, f"process {pid} kept executing new programs while being re-armed")
+
+
+def has_executed(tracker: Tracker, *, exit_settle_s: float) -> bool:
+    """Whether ``tracker``'s process runs another program now, after its tracked memory went (blocking).
+
+    An exiting process releases its memory before its pidfd turns readable, which looks like
+    an exec for that moment: the exit is checked before the fingerprint is read, and a
+    process whose memory went with neither a new program nor an exit is given
+    ``exit_settle_s`` to finish exiting.
+    """
+    if tracker.has_exited():
+        return False
+    try:
+        current = mm_fingerprint(tracker.identity.pid)
+    except ProcessGone:
+        return False
+    if any(current) and current != tracker.mm_fingerprint:
+        return True
+    return not tracker.wait_exited(exit_settle_s)
 
 
 def track_child(pid: int, parent_pid: int, *, inject_deadline_s: float) -> Tracker:

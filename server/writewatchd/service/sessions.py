@@ -50,6 +50,7 @@ from .attach import (
     NotFollowable,
     SessionSpec,
     SharesMemory,
+    has_executed,
     process_cmdline,
     process_name,
     process_uid,
@@ -266,8 +267,10 @@ class ManagedSession:
 
     async def _finish_gone(self, exc: ProcessGone) -> None:
         pid = self.record.pid
-        if self.tracker is not None and not self.tracker.has_exited():
-            # Same pid, same start time, but the tracked memory is gone: an execve.
+        tracker = self.tracker
+        loop = asyncio.get_running_loop()
+        executed = functools.partial(has_executed, exit_settle_s=_EXIT_SETTLE_S)
+        if tracker is not None and await loop.run_in_executor(self._manager.executor, executed, tracker):
             if self.record.follow_exec:
                 await self._follow_exec_locked()
                 return
@@ -930,5 +933,6 @@ def _new_session_id() -> str:
 
 
 _FORK_EXEC_GRACE_S = 0.05
+_EXIT_SETTLE_S = 1.0
 _ADOPT_ATTEMPTS = 5
 _ADOPT_RETRY_S = 0.02  # doubled after each failure: 0.62 s in all

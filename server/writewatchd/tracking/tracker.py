@@ -159,6 +159,10 @@ class Tracker:
         """Whether the target has exited (a zombie counts); never blocks."""
         return self._process.has_exited()
 
+    def wait_exited(self, timeout_s: float) -> bool:
+        """Whether the target exits within ``timeout_s`` (blocks up to that long)."""
+        return self._process.wait_exited(timeout_s)
+
     @property
     def exit_fd(self) -> int:
         """The tracker's pidfd of the target: readable once it has exited (for event loops; do not close)."""
