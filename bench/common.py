@@ -188,10 +188,13 @@ def rss_bytes(pid: int) -> int:
 class Target:
     """bench/fixtures/target.c: a cooperative target that writes pages on command."""
 
-    def __init__(self, n_pages: int, populate: str = "read") -> None:
-        self.proc = subprocess.Popen(
-            [str(build("target")), str(n_pages), populate], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
+    exit_timeout_s = 5.0
+
+    def __init__(self, n_pages: int, populate: str = "read", *, argv: list[str] | None = None) -> None:
+        """Start the target (``argv``: another fixture speaking the same header and commands)."""
+        if argv is None:
+            argv = [str(build("target")), str(n_pages), populate]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         header = TargetHeader.parse(self.proc.stdout.readline())
         self.pid = header.pid
@@ -225,7 +228,7 @@ class Target:
             with contextlib.suppress(BrokenPipeError, OSError):
                 self.send("x")
             try:
-                self.proc.wait(5)
+                self.proc.wait(self.exit_timeout_s)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from common import GIB, PAGE_SIZE, Daemon, Section, Stats, build, cpu_seconds
+from common import GIB, PAGE_SIZE, Daemon, Section, Stats, Target, build, cpu_seconds
 
-from targetheader import TargetHeader
 from writewatch import Client, Delta, Session
 
 _TICK_MS = 50
@@ -40,36 +39,13 @@ _COLD_PER_S = 20
 _MODES = {"heat": 1000, "naive": 0}
 
 
-class HotCold:
-    """bench/fixtures/hotcold.c."""
+class HotCold(Target):
+    """bench/fixtures/hotcold.c: the target's header and commands, over far more memory."""
+
+    exit_timeout_s = 30.0  # unmapping 64 GiB of page tables takes a while
 
     def __init__(self, n_pages: int) -> None:
-        import subprocess
-
-        self.proc = subprocess.Popen(
-            [str(build("hotcold")), str(n_pages)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert self.proc.stdout is not None
-        header = TargetHeader.parse(self.proc.stdout.readline())
-        self.pid, self.uffd_fd, self.base, self.n_pages = header.pid, header.uffd_fd, header.base, header.n_pages
-        self.end = self.base + self.n_pages * PAGE_SIZE
-
-    def send(self, line: str) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(line + "\n")
-        self.proc.stdin.flush()
-
-    def answer(self) -> list[str]:
-        assert self.proc.stdout is not None
-        words = self.proc.stdout.readline().split()
-        if not words or words[0] != "ok":
-            raise RuntimeError(f"hotcold answered {words!r}")
-        return words[1:]
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.send("x")
-            self.proc.wait(30)
+        super().__init__(n_pages, argv=[str(build("hotcold")), str(n_pages)])
 
 
 class Arrivals:
