@@ -159,10 +159,11 @@ def machine_lines() -> list[str]:
 
 
 def build(name: str) -> Path:
-    """Compile bench/fixtures/NAME.c into bench/bin/NAME when the source is newer."""
+    """Compile bench/fixtures/NAME.c into bench/bin/NAME when the source (or a shared header) is newer."""
     source = FIXTURES / f"{name}.c"
     binary = BIN / name
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+    newest_s = max(path.stat().st_mtime for path in [source, *FIXTURES.glob("*.h")])
+    if not binary.exists() or binary.stat().st_mtime < newest_s:
         BIN.mkdir(exist_ok=True)
         tmp = binary.with_suffix(f".tmp{os.getpid()}")
         subprocess.run(["gcc", "-O2", "-Wall", "-o", str(tmp), str(source), "-lpthread"], check=True)
