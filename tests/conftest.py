@@ -9,13 +9,27 @@ import pytest
 
 import writewatch
 from daemonproc import DaemonProcess
-from targets import build_c
+from targets import CoopTarget, build_c
 
 
 @pytest.fixture(scope="session")
 def c_program() -> Callable[[str], Path]:
     """Build a C fixture by name and return its path."""
     return build_c
+
+
+@pytest.fixture
+def target_pages() -> int:
+    """Pages of the ``target`` fixture's buffer (a module overrides this fixture for another size)."""
+    return 64
+
+
+@pytest.fixture
+def target(target_pages: int) -> Iterator[CoopTarget]:
+    """A cooperative target process with a buffer of ``target_pages``; killed after the test."""
+    t = CoopTarget(target_pages)
+    yield t
+    t.kill()
 
 
 @pytest.fixture

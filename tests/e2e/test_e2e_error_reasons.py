@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,10 +18,8 @@ def daemon(shared_daemon: DaemonProcess) -> DaemonProcess:
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(16)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 16
 
 
 def test_a_change_to_an_ended_session_is_session_ended(client: writewatch.Client, target: CoopTarget) -> None:

@@ -27,10 +27,8 @@ def client(shared_daemon: DaemonProcess) -> Iterator[writewatch.Client]:
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(256)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 256
 
 
 def _attach(client: writewatch.Client, target: CoopTarget, tick_interval_ms: int) -> writewatch.Session:

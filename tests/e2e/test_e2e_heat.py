@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -15,10 +14,8 @@ CHUNK_PAGES = 512  # the scheduler's smallest chunk: 2 MiB
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(4 * CHUNK_PAGES)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 4 * CHUNK_PAGES
 
 
 class Arrivals:

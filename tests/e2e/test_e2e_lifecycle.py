@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,10 +18,8 @@ from writewatchd.kernel.probe import probe
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(128)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 128
 
 
 def _harvest_pages(session: writewatch.Session, target: CoopTarget) -> set[int]:

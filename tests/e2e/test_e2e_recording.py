@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,10 +20,8 @@ from writewatch.recording import RecordingStop
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(512)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 512
 
 
 def _key(delta: writewatch.Delta) -> tuple[object, ...]:

@@ -85,13 +85,6 @@ def remote(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
     r.daemon.stop()
 
 
-@pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(64)
-    yield t
-    t.kill()
-
-
 def _clean_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("WRITEWATCH_")}
     # No client config of whoever runs the tests.

@@ -16,13 +16,6 @@ pb = writewatch.pb
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(64)
-    yield t
-    t.kill()
-
-
-@pytest.fixture
 def daemon(shared_daemon: DaemonProcess) -> DaemonProcess:
     """Bad requests change nothing, so one daemon serves the whole module."""
     return shared_daemon

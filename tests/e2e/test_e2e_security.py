@@ -74,13 +74,6 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
     s.daemon.stop()
 
 
-@pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(64)
-    yield t
-    t.kill()
-
-
 def _attach(client: writewatch.Client, target: CoopTarget, n_ranges: int = 1) -> writewatch.Session:
     """Attach with ``n_ranges`` ranges, separated by gaps (adjacent ranges merge into one); 1: the whole buffer."""
     if n_ranges == 1:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,13 +11,6 @@ import pytest
 import writewatch
 from daemonproc import DaemonProcess
 from targets import NO_TICKS_MS, CoopTarget
-
-
-@pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(64)
-    yield t
-    t.kill()
 
 
 def _files(directory: Path) -> dict[str, tuple[int, int, bytes]]:

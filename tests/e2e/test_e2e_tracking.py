@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -18,10 +17,8 @@ from writewatch._proto.writewatch.v1.writewatch_pb2_grpc import WriteWatchStub
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(512)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 512
 
 
 class Collector:

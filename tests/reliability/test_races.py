@@ -122,10 +122,8 @@ def shared_client(shared_daemon: DaemonProcess) -> Iterator[writewatch.Client]:
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(N_PAGES)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return N_PAGES
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -18,10 +17,8 @@ from writewatchd.tracking.tracker import Tracker
 
 
 @pytest.fixture
-def target() -> Iterator[CoopTarget]:
-    t = CoopTarget(128)
-    yield t
-    t.kill()
+def target_pages() -> int:
+    return 128
 
 
 def _tracker(target: CoopTarget, **kwargs: object) -> Tracker:
