@@ -12,6 +12,7 @@ from targets import PAGE, CoopTarget
 from writewatchd import InvalidRange, ProcessGone, UsageError
 from writewatchd.kernel import ProcessIdentity, Userfaultfd
 from writewatchd.kernel.batchscan import BatchRequests, BatchScanner
+from writewatchd.tracking import summary
 from writewatchd.tracking.regions import as_regions
 from writewatchd.tracking.tracker import Tracker
 
@@ -49,6 +50,21 @@ def test_random_writes_exact_over_many_harvests(target: CoopTarget) -> None:
     for seed in range(1, 30):
         written = target.random_writes(seed, 25)
         assert target.pages(tracker.harvest()) == written
+
+
+@pytest.mark.parametrize("capacity_regions", [4, 1 << 16])
+def test_harvests_copied_out_by_the_compiled_pass_are_exact(target: CoopTarget, capacity_regions: int) -> None:
+    # 25 random writes overflow a 4-region buffer: chunks joined, else one copy with its summary remembered.
+    tracker = _tracker(target, capacity_regions=capacity_regions)
+    tracker.harvest()
+    for seed in range(1, 12):
+        written = target.random_writes(seed, 25)
+        regions = tracker.harvest()
+        assert target.pages(regions) == written
+        assert summary.summarize(regions).n_pages == len(written)
+        if capacity_regions > len(written):
+            assert summary._remembered.regions is regions
+            assert not regions.flags.writeable
 
 
 def test_add_and_remove_ranges(target: CoopTarget) -> None:

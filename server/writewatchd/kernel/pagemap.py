@@ -13,6 +13,7 @@ import ctypes
 import enum
 import errno
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -31,6 +32,7 @@ __all__ = [
     "PagemapScanner",
     "PmScanArg",
     "RawScan",
+    "RowsToRegions",
     "ScanFlag",
     "ScanResult",
 ]
@@ -101,6 +103,9 @@ _EMPTY = np.empty((0, 2), dtype=np.uint64)
 _EMPTY.flags.writeable = False
 HARVEST_FLAGS = ScanFlag.WP_MATCHING | ScanFlag.CHECK_WPASYNC
 
+RowsToRegions = Callable[[npt.NDArray[np.uint64], int], npt.NDArray[np.uint64] | None]
+"""Makes a harvest's ``(n, 2)`` result from the scan buffer and its row count (None: the scanner's own copy)."""
+
 
 @dataclass(frozen=True, slots=True)
 class RawScan:
@@ -149,9 +154,19 @@ class PagemapScanner(OwnedFd):
     Not thread-safe: one scanner serves one thread at a time (the buffer is shared).
     The open fd pins the target's mm, so a recycled pid is never scanned by mistake: once
     the target exits, every scan raises :class:`ProcessGone`.
+
+    ``rows_to_regions``, when given, copies :meth:`harvest`'s rows out of the buffer instead
+    of the scanner: a caller that post-processes every harvest can do it in the same pass,
+    while the rows are still in the cache (tracking's compiled region summary does).
     """
 
-    def __init__(self, pid: int | None = None, *, capacity_regions: int = _DEFAULT_CAPACITY_REGIONS) -> None:
+    def __init__(
+        self,
+        pid: int | None = None,
+        *,
+        capacity_regions: int = _DEFAULT_CAPACITY_REGIONS,
+        rows_to_regions: RowsToRegions | None = None,
+    ) -> None:
         if capacity_regions < 1:
             raise UsageError(f"capacity_regions must be >= 1, got {capacity_regions}")
         self.pid = os.getpid() if pid is None else pid
@@ -162,6 +177,7 @@ class PagemapScanner(OwnedFd):
             raise_errno(exc.errno or errno.EIO, f"open {path}", hint="PTRACE_MODE_READ access to the target is needed")
         self._buffer = np.zeros((capacity_regions, _REGION_FIELDS), dtype=np.uint64)
         self._capacity_regions = capacity_regions
+        self._rows_to_regions = rows_to_regions
         self._buffer_address = int(self._buffer.ctypes.data)
         self._start_end_pairs = np.ndarray(
             (capacity_regions,), dtype=_START_END, buffer=self._buffer, strides=(_REGION_BYTES,)
@@ -308,6 +324,10 @@ class PagemapScanner(OwnedFd):
 
     def _starts_ends(self, n_regions: int) -> npt.NDArray[np.uint64]:
         """A fresh contiguous ``(n_regions, 2)`` copy of the buffer's first start/end columns."""
+        if self._rows_to_regions is not None:
+            regions = self._rows_to_regions(self._buffer, n_regions)
+            if regions is not None:
+                return regions
         # Each numpy call costs a few microseconds with the cold caches a scan leaves behind,
         # so: slice, copy, view, and nothing else.
         pairs: npt.NDArray[np.uint64] = self._start_end_pairs[:n_regions].copy().view(_START_END_AS_UINT64)

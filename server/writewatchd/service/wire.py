@@ -32,6 +32,10 @@ __all__ = [
 ]
 
 _WIDE_PAIR_BYTES = 16  # the widest encoding of one region
+_NARROW_PAIR_BYTES = 8
+_DELTA_FIELD = pb.SubscribeResponse.DESCRIPTOR.fields_by_name["delta"].number
+_REGIONS_FIELD = pb.Delta.DESCRIPTOR.fields_by_name["regions"].number
+_PAIRS_FIELD = pb.PackedRegions.DESCRIPTOR.fields_by_name["pairs"].number
 _WIRE_PAGE_SIZE = 0 if PAGE_SIZE == 4096 else PAGE_SIZE  # 0 on the wire means 4 KiB
 
 
@@ -63,8 +67,9 @@ def _fill_delta(
     index: int,
     count: int,
     n_pages: int | None,
-    pairs: bytes | None = None,
+    with_pairs: bool = True,
 ) -> None:
+    """Fill ``message`` in place; without ``with_pairs`` the regions get their base and page size only."""
     # Filled in place, regions included: passing a built message to a constructor or to
     # CopyFrom copies it (a 1 MiB fragment would be copied once more per level of nesting).
     message.session_id = session_id
@@ -74,12 +79,11 @@ def _fill_delta(
     message.resync = delta.resync
     message.harvested_at_unix_ns = delta.harvested_at_unix_ns
     chunk = delta.regions if regions is None else regions
-    if pairs is None:
+    if with_pairs:
         encode_regions(chunk, page_size_bytes=PAGE_SIZE, out=message.regions)
     else:
         packed = message.regions
         packed.base_address = int(chunk[0, 0])
-        packed.pairs = pairs
         packed.page_size_bytes = _WIRE_PAGE_SIZE
     message.fragment_index = index
     message.n_fragments = count
@@ -93,24 +97,56 @@ def _fill_delta(
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
     regions = delta.regions
-    # The common delta fits one fragment even at the widest encoding: no split to compute,
-    # and one compiled pass gives its page count and its u32 pairs (None: use the codec).
-    pairs: bytes | None = None
-    if len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes:
-        chunks = [regions]
+    if len(regions) and len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes:
+        # The common delta fits one fragment even at the widest encoding: no split to compute.
+        # Its page count and u32 pairs come from one compiled pass, usually the one that
+        # copied the regions out of the scan (remembered), else from the codec.
         summary = summarize(regions, pairs=True)
-        n_pages, pairs = summary.n_pages, summary.pairs
-    else:
-        chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
-        n_pages = delta.n_pages
+        pairs: bytes | memoryview | None = summary.pairs
+        if pairs is None:
+            pairs = encode_regions(regions, page_size_bytes=PAGE_SIZE).pairs or None  # None: wide pairs
+        if pairs is not None:
+            return [_frame_with_pairs(session_id, delta, pairs, summary.n_pages)]
+    chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
+    n_pages = delta.n_pages
     frames: list[bytes] = []
     for i, chunk in enumerate(chunks):
         response = pb.SubscribeResponse()
-        _fill_delta(
-            response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages, pairs=pairs
-        )
+        _fill_delta(response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages)
         frames.append(response.SerializeToString())
     return frames
+
+
+def _frame_with_pairs(session_id: str, delta: Delta, pairs: bytes | memoryview, n_pages: int) -> bytes:
+    """One ``SubscribeResponse`` frame of a whole delta whose narrow ``pairs`` are made already.
+
+    The pairs are copied once, into the frame: everything else is serialized without them,
+    and the pairs follow as a second ``SubscribeResponse`` holding only ``delta.regions.pairs``.
+    A parser merges two occurrences of a message field (the protobuf encoding's "last one
+    wins" rule merges embedded messages), so the frame parses exactly as the message with
+    the pairs inside; putting them inside would copy them into the message and again out.
+    """
+    response = pb.SubscribeResponse()
+    _fill_delta(response.delta, session_id, delta, regions=None, index=0, count=1, n_pages=n_pages, with_pairs=False)
+    n_bytes = _NARROW_PAIR_BYTES * len(delta.regions)
+    pairs_head = _field_head(_PAIRS_FIELD, n_bytes)
+    regions_head = _field_head(_REGIONS_FIELD, len(pairs_head) + n_bytes)
+    delta_head = _field_head(_DELTA_FIELD, len(regions_head) + len(pairs_head) + n_bytes)
+    return b"".join((response.SerializeToString(), delta_head, regions_head, pairs_head, pairs))
+
+
+def _field_head(field_number: int, length_bytes: int) -> bytes:
+    """The key and length of a length-delimited field (wire type 2)."""
+    return _varint(field_number << 3 | 2) + _varint(length_bytes)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def ended_frame(end: SessionEnd) -> bytes:

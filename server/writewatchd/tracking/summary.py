@@ -5,26 +5,35 @@ delta), when the caches hold what the page-table walk left and every numpy call 
 of microseconds. ``_regions.c`` does all of it in one pass, compiled on first use by
 :mod:`..kernel._compile`; without a compiler the same results come from numpy, and the
 pairs from the wire codec (``pairs`` is then None).
+
+The pass can also make the region array itself: :func:`regions_of_scan` is how a tracker's
+:class:`~writewatchd.kernel.PagemapScanner` copies its rows out, and the summary made on the
+way is remembered for that array, so that the harvest's page count and the delta's
+encoding that follow in the same thread need no pass of their own.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 from ..kernel._compile import compile_library
 from ..kernel.pagemap import PAGE_SHIFT
 from .regions import RegionArray, n_pages
 
-__all__ = ["RegionSummary", "summarize"]
+__all__ = ["RegionSummary", "regions_of_scan", "summarize"]
 
 _SOURCE = Path(__file__).with_name("_regions.c")
 _U32_MAX = 0xFFFF_FFFF
+_ARRAY_ROW_WORDS = 2  # an (n, 2) region array
+_SCAN_ROW_WORDS = 3  # PAGEMAP_SCAN's struct page_region {start, end, categories}
 _ERRORS = {
     1: "region bounds must be multiples of the page size",
     2: "every region must have start < end",
@@ -39,12 +48,22 @@ class RegionSummary(NamedTuple):
     n_pages: int
     n_touching: int
     """Rows that start exactly where the previous one ends (0 for merged regions)."""
-    pairs: bytes | None
+    pairs: memoryview | None
     """The little-endian u32 ``(gap, n)`` pairs in pages from the base, when asked for, compiled and narrow."""
 
 
 class _Summary(ctypes.Structure):
     _fields_ = [("n_pages", ctypes.c_uint64), ("n_touching", ctypes.c_uint64), ("max_step", ctypes.c_uint64)]
+
+
+class _Remembered(threading.local):
+    """The last array :func:`regions_of_scan` made in this thread, with its summary (pairs from its first start)."""
+
+    regions: RegionArray | None = None
+    summary: RegionSummary | None = None
+
+
+_remembered = _Remembered()
 
 
 @functools.cache
@@ -59,8 +78,10 @@ def _summarize_function() -> Callable[..., int] | None:
     function.argtypes = [  # type: ignore[attr-defined]
         ctypes.c_void_p,
         ctypes.c_size_t,
+        ctypes.c_size_t,
         ctypes.c_uint64,
         ctypes.c_uint,
+        ctypes.c_void_p,
         ctypes.c_void_p,
         ctypes.POINTER(_Summary),
     ]
@@ -75,6 +96,10 @@ def summarize(regions: RegionArray, *, base_address: int | None = None, pairs: b
     start). The compiled pass checks the regions on the way (ValueError if they are not
     sorted, aligned, non-empty rows); the numpy fallback trusts them and gives no pairs.
     """
+    if regions is _remembered.regions and (base_address is None or base_address == int(regions[0, 0])):
+        summary = _remembered.summary
+        assert summary is not None
+        return summary if pairs else summary._replace(pairs=None)
     function = _summarize_function()
     n_regions = len(regions)
     interface = regions.__array_interface__
@@ -87,15 +112,52 @@ def summarize(regions: RegionArray, *, base_address: int | None = None, pairs: b
         return _summarize_numpy(regions)
     # Without pairs the first gap does not matter.
     base = base_address if base_address is not None else int(regions[0, 0]) if pairs else 0
+    return _run(function, interface["data"][0], n_regions, row_words=_ARRAY_ROW_WORDS, base=base, pairs=pairs)
+
+
+def regions_of_scan(rows: npt.NDArray[np.uint64], n_regions: int) -> RegionArray | None:
+    """The ``[start, end)`` columns of the first ``n_regions`` PAGEMAP_SCAN rows as a new ``(n, 2)`` array.
+
+    ``rows`` is a scanner's contiguous ``(capacity, 3)`` buffer. One compiled pass copies, checks
+    and summarizes (pairs from the first start); the summary is remembered for the returned
+    array, which is read-only so that it stays true. None without a compiler (the scanner then
+    copies with numpy).
+    """
+    function = _summarize_function()
+    if function is None:
+        return None
+    regions = np.empty((n_regions, 2), dtype=np.uint64)
+    if n_regions == 0:
+        return regions
+    bounds = rows.__array_interface__["data"][0]
+    copy = regions.__array_interface__["data"][0]
+    summary = _run(function, bounds, n_regions, row_words=_SCAN_ROW_WORDS, base=int(rows[0, 0]), copy=copy, pairs=True)
+    regions.flags.writeable = False
+    _remembered.regions = regions
+    _remembered.summary = summary
+    return regions
+
+
+def _run(
+    function: Callable[..., int],
+    bounds: int,
+    n_regions: int,
+    *,
+    row_words: int,
+    base: int,
+    pairs: bool,
+    copy: int | None = None,
+) -> RegionSummary:
+    """One compiled pass over ``n_regions`` rows at address ``bounds``."""
     # Not zeroed: the pass writes every pair it returns (a ctypes string buffer would be zeroed first).
-    out = np.empty(2 * n_regions, dtype=np.uint32) if pairs else None
+    out = np.empty(2 * n_regions, dtype="<u4") if pairs else None
     out_address = None if out is None else out.__array_interface__["data"][0]
     summary = _Summary()
-    result = function(interface["data"][0], n_regions, base, PAGE_SHIFT, out_address, ctypes.byref(summary))
+    result = function(bounds, row_words, n_regions, base, PAGE_SHIFT, copy, out_address, ctypes.byref(summary))
     if result:
         raise ValueError(_ERRORS.get(result, f"invalid regions ({result})"))
-    narrow = out is not None and summary.max_step <= _U32_MAX
-    return RegionSummary(summary.n_pages, summary.n_touching, out.tobytes() if narrow and out is not None else None)
+    narrow = summary.max_step <= _U32_MAX
+    return RegionSummary(summary.n_pages, summary.n_touching, out.data if narrow and out is not None else None)
 
 
 def _summarize_numpy(regions: RegionArray) -> RegionSummary:

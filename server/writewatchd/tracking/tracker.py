@@ -45,7 +45,7 @@ from ..kernel import (
     read_maps,
 )
 from .regions import EMPTY, RegionArray, RegionSet, as_regions, merge, n_pages
-from .summary import summarize
+from .summary import regions_of_scan, summarize
 
 __all__ = ["HarvestStatistics", "Tracker", "auto_ranges"]
 
@@ -112,7 +112,9 @@ class Tracker:
         """Bumped whenever the tracked ranges change (a scheduler re-reads :attr:`tracked` then)."""
         self._process = ProcessHandle(identity.pid)
         try:
-            self._scanner = PagemapScanner(identity.pid, capacity_regions=capacity_regions)
+            self._scanner = PagemapScanner(
+                identity.pid, capacity_regions=capacity_regions, rows_to_regions=regions_of_scan
+            )
         except BaseException:
             self._process.close()
             raise
