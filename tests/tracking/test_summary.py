@@ -78,8 +78,10 @@ def test_regions_of_scan_copies_and_remembers_the_summary(
     regions = _regions(first_page, pairs)
     copied = regions_of_scan(_scan_rows(regions, len(regions) + spare_rows), len(regions))
     assert copied is not None
-    assert copied.dtype == np.uint64 and copied.flags.c_contiguous and not copied.flags.writeable
+    assert copied.dtype == np.uint64 and copied.flags.c_contiguous
     np.testing.assert_array_equal(copied, regions)
+    # A full buffer is only copied (the scanner joins it with what follows); else the summary is remembered.
+    assert (summary._remembered.regions is copied) == (spare_rows > 0) == (not copied.flags.writeable)
     expected = _comparable(_expected(regions, int(regions[0, 0])))
     # Remembered: the same answers as a pass over the array would give.
     assert _comparable(summarize(copied, pairs=True)) == expected
@@ -108,6 +110,15 @@ def test_regions_of_scan_edge_cases(rows: list[list[int]]) -> None:
     assert copied.shape == (len(regions), 2)
     if len(regions):
         assert _comparable(summarize(copied, pairs=True)) == _comparable(_expected(regions, int(regions[0, 0])))
+
+
+def test_remember_keeps_the_summary_of_a_read_only_array() -> None:
+    regions = _regions(7, [(1, 2), (0, 3), (5, 1)])
+    remembered = summarize(regions, remember=True)
+    assert not regions.flags.writeable and summary._remembered.regions is regions
+    assert _comparable(remembered) == _comparable(_expected(regions, int(regions[0, 0])))
+    assert summarize(regions, pairs=True) is remembered
+    assert summarize(regions).pairs is None
 
 
 def test_regions_of_scan_refuses_rows_the_codec_refuses() -> None:
@@ -182,7 +193,7 @@ def test_frames_are_the_same_bytes_with_or_without_the_compiled_pass(
 ) -> None:
     regions = _regions(first_page, [(max(gap, 1), length) for gap, length in pairs])  # a delta is merged
     if from_scan:  # as a tracker's harvest makes them: the summary is remembered
-        copied = regions_of_scan(_scan_rows(regions, len(regions)), len(regions))
+        copied = regions_of_scan(_scan_rows(regions, len(regions) + 1), len(regions))
         assert copied is not None
         regions = copied
     delta = Delta(3, 9, 8, False, 123, regions, regions[:1].copy() if covered else None)

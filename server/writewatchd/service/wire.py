@@ -33,6 +33,8 @@ __all__ = [
 
 _WIDE_PAIR_BYTES = 16  # the widest encoding of one region
 _NARROW_PAIR_BYTES = 8
+_ZERO_GAP_BYTES = 4  # the u32 gap of a narrow pair
+_ZERO_GAP = bytes(_ZERO_GAP_BYTES)
 _DELTA_FIELD = pb.SubscribeResponse.DESCRIPTOR.fields_by_name["delta"].number
 _REGIONS_FIELD = pb.Delta.DESCRIPTOR.fields_by_name["regions"].number
 _PAIRS_FIELD = pb.PackedRegions.DESCRIPTOR.fields_by_name["pairs"].number
@@ -97,28 +99,50 @@ def _fill_delta(
 def delta_frames(session_id: str, delta: Delta, max_fragment_bytes: int) -> list[bytes]:
     """A delta as serialized ``SubscribeResponse`` frames, each carrying at most ``max_fragment_bytes`` of regions."""
     regions = delta.regions
-    if len(regions) and len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes:
-        # The common delta fits one fragment even at the widest encoding: no split to compute.
-        # Its page count and u32 pairs come from one compiled pass, usually the one that
-        # copied the regions out of the scan (remembered), else from the codec.
+    # The common delta fits one fragment even at the widest encoding: no split to compute.
+    chunks = [regions] if len(regions) * _WIDE_PAIR_BYTES <= max_fragment_bytes else None
+    if len(regions) == 0:
+        pairs: bytes | memoryview | None = None
+        n_pages = 0
+    else:
+        # The page count and the u32 pairs of all the regions from one compiled pass, usually
+        # the one that copied them out of the scan (remembered); else from the codec.
         summary = summarize(regions, pairs=True)
-        pairs: bytes | memoryview | None = summary.pairs
+        pairs, n_pages = summary.pairs, summary.n_pages
         if pairs is None:
             pairs = encode_regions(regions, page_size_bytes=PAGE_SIZE).pairs or None  # None: wide pairs
-        if pairs is not None:
-            return [_frame_with_pairs(session_id, delta, pairs, summary.n_pages)]
-    chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
-    n_pages = delta.n_pages
+    if chunks is None:
+        chunks = split_regions(regions, max_fragment_bytes, page_size_bytes=PAGE_SIZE)
     frames: list[bytes] = []
+    first = 0
     for i, chunk in enumerate(chunks):
-        response = pb.SubscribeResponse()
-        _fill_delta(response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages)
-        frames.append(response.SerializeToString())
+        if pairs is None:
+            response = pb.SubscribeResponse()
+            _fill_delta(response.delta, session_id, delta, regions=chunk, index=i, count=len(chunks), n_pages=n_pages)
+            frames.append(response.SerializeToString())
+        else:
+            frames.append(
+                _frame_with_pairs(
+                    session_id, delta, chunk, index=i, count=len(chunks), n_pages=n_pages, pairs=pairs, first=first
+                )
+            )
+        first += len(chunk)
     return frames
 
 
-def _frame_with_pairs(session_id: str, delta: Delta, pairs: bytes | memoryview, n_pages: int) -> bytes:
-    """One ``SubscribeResponse`` frame of a whole delta whose narrow ``pairs`` are made already.
+def _frame_with_pairs(
+    session_id: str,
+    delta: Delta,
+    chunk: RegionArray,
+    *,
+    index: int,
+    count: int,
+    n_pages: int,
+    pairs: bytes | memoryview,
+    first: int,
+) -> bytes:
+    """One ``SubscribeResponse`` frame of fragment ``index``: ``chunk``, the regions from ``first`` on,
+    whose narrow pairs are the slice of the delta's ``pairs`` (from its first start).
 
     The pairs are copied once, into the frame: everything else is serialized without them,
     and the pairs follow as a second ``SubscribeResponse`` holding only ``delta.regions.pairs``.
@@ -127,12 +151,21 @@ def _frame_with_pairs(session_id: str, delta: Delta, pairs: bytes | memoryview, 
     the pairs inside; putting them inside would copy them into the message and again out.
     """
     response = pb.SubscribeResponse()
-    _fill_delta(response.delta, session_id, delta, regions=None, index=0, count=1, n_pages=n_pages, with_pairs=False)
-    n_bytes = _NARROW_PAIR_BYTES * len(delta.regions)
+    _fill_delta(
+        response.delta, session_id, delta, regions=chunk, index=index, count=count, n_pages=n_pages, with_pairs=False
+    )
+    n_bytes = _NARROW_PAIR_BYTES * len(chunk)
     pairs_head = _field_head(_PAIRS_FIELD, n_bytes)
     regions_head = _field_head(_REGIONS_FIELD, len(pairs_head) + n_bytes)
     delta_head = _field_head(_DELTA_FIELD, len(regions_head) + len(pairs_head) + n_bytes)
-    return b"".join((response.SerializeToString(), delta_head, regions_head, pairs_head, pairs))
+    parts: list[bytes | memoryview] = [response.SerializeToString(), delta_head, regions_head, pairs_head]
+    start_byte, end_byte = _NARROW_PAIR_BYTES * first, _NARROW_PAIR_BYTES * first + n_bytes
+    view = memoryview(pairs)
+    if first == 0:
+        parts.append(view[:end_byte])
+    else:  # a fragment's base is its own first start: its first gap is 0
+        parts += [_ZERO_GAP, view[start_byte + _ZERO_GAP_BYTES : end_byte]]
+    return b"".join(parts)
 
 
 def _field_head(field_number: int, length_bytes: int) -> bytes:

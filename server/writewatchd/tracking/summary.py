@@ -7,9 +7,10 @@ of microseconds. ``_regions.c`` does all of it in one pass, compiled on first us
 pairs from the wire codec (``pairs`` is then None).
 
 The pass can also make the region array itself: :func:`regions_of_scan` is how a tracker's
-:class:`~writewatchd.kernel.PagemapScanner` copies its rows out, and the summary made on the
-way is remembered for that array, so that the harvest's page count and the delta's
-encoding that follow in the same thread need no pass of their own.
+:class:`~writewatchd.kernel.PagemapScanner` copies its rows out. The summary made on the way
+(or by ``summarize(..., remember=True)``) is remembered for that array, made read-only so
+that it stays true, and the delta's encoding that follows in the same thread makes no pass
+of its own.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ _SOURCE = Path(__file__).with_name("_regions.c")
 _U32_MAX = 0xFFFF_FFFF
 _ARRAY_ROW_WORDS = 2  # an (n, 2) region array
 _SCAN_ROW_WORDS = 3  # PAGEMAP_SCAN's struct page_region {start, end, categories}
+_PAIR_BYTES = 8  # a narrow (gap, n) pair: two little-endian u32
 _ERRORS = {
     1: "region bounds must be multiples of the page size",
     2: "every region must have start < end",
@@ -49,7 +51,8 @@ class RegionSummary(NamedTuple):
     n_touching: int
     """Rows that start exactly where the previous one ends (0 for merged regions)."""
     pairs: memoryview | None
-    """The little-endian u32 ``(gap, n)`` pairs in pages from the base, when asked for, compiled and narrow."""
+    """The little-endian u32 ``(gap, n)`` pairs in pages from the base (a byte view), when asked for,
+    compiled and narrow."""
 
 
 class _Summary(ctypes.Structure):
@@ -57,7 +60,7 @@ class _Summary(ctypes.Structure):
 
 
 class _Remembered(threading.local):
-    """The last array :func:`regions_of_scan` made in this thread, with its summary (pairs from its first start)."""
+    """The last array summarized for keeps in this thread, with its summary (pairs from its first start)."""
 
     regions: RegionArray | None = None
     summary: RegionSummary | None = None
@@ -89,17 +92,26 @@ def _summarize_function() -> Callable[..., int] | None:
     return function
 
 
-def summarize(regions: RegionArray, *, base_address: int | None = None, pairs: bool = False) -> RegionSummary:
+def summarize(
+    regions: RegionArray, *, base_address: int | None = None, pairs: bool = False, remember: bool = False
+) -> RegionSummary:
     """Count the pages and touching rows of sorted, non-overlapping, page-aligned ``regions``.
 
     With ``pairs``, also the wire's u32 pairs relative to ``base_address`` (default: the first
     start). The compiled pass checks the regions on the way (ValueError if they are not
     sorted, aligned, non-empty rows); the numpy fallback trusts them and gives no pairs.
+    ``remember`` (implies ``pairs`` from the first start) keeps the result for this array, which
+    becomes read-only: its next summary in this thread is free.
     """
     if regions is _remembered.regions and (base_address is None or base_address == int(regions[0, 0])):
         summary = _remembered.summary
         assert summary is not None
-        return summary if pairs else summary._replace(pairs=None)
+        return summary if pairs or remember else summary._replace(pairs=None)
+    if remember:
+        summary = summarize(regions, pairs=True)
+        regions.flags.writeable = False
+        _remembered.regions, _remembered.summary = regions, summary
+        return summary
     function = _summarize_function()
     n_regions = len(regions)
     interface = regions.__array_interface__
@@ -120,8 +132,9 @@ def regions_of_scan(rows: npt.NDArray[np.uint64], n_regions: int) -> RegionArray
 
     ``rows`` is a scanner's contiguous ``(capacity, 3)`` buffer. One compiled pass copies, checks
     and summarizes (pairs from the first start); the summary is remembered for the returned
-    array, which is read-only so that it stays true. None without a compiler (the scanner then
-    copies with numpy).
+    array, which is read-only so that it stays true. A full buffer is only copied: more rows
+    follow, and the scanner joins them into another array. None without a compiler (the
+    scanner then copies with numpy).
     """
     function = _summarize_function()
     if function is None:
@@ -131,10 +144,11 @@ def regions_of_scan(rows: npt.NDArray[np.uint64], n_regions: int) -> RegionArray
         return regions
     bounds = rows.__array_interface__["data"][0]
     copy = regions.__array_interface__["data"][0]
-    summary = _run(function, bounds, n_regions, row_words=_SCAN_ROW_WORDS, base=int(rows[0, 0]), copy=copy, pairs=True)
-    regions.flags.writeable = False
-    _remembered.regions = regions
-    _remembered.summary = summary
+    last = n_regions < len(rows)
+    summary = _run(function, bounds, n_regions, row_words=_SCAN_ROW_WORDS, base=int(rows[0, 0]), copy=copy, pairs=last)
+    if last:
+        regions.flags.writeable = False
+        _remembered.regions, _remembered.summary = regions, summary
     return regions
 
 
@@ -150,7 +164,7 @@ def _run(
 ) -> RegionSummary:
     """One compiled pass over ``n_regions`` rows at address ``bounds``."""
     # Not zeroed: the pass writes every pair it returns (a ctypes string buffer would be zeroed first).
-    out = np.empty(2 * n_regions, dtype="<u4") if pairs else None
+    out = np.empty(_PAIR_BYTES * n_regions, dtype=np.uint8) if pairs else None
     out_address = None if out is None else out.__array_interface__["data"][0]
     summary = _Summary()
     result = function(bounds, row_words, n_regions, base, PAGE_SHIFT, copy, out_address, ctypes.byref(summary))

@@ -404,11 +404,15 @@ def _counted_union(chunks: list[RegionArray]) -> tuple[RegionArray, int]:
         # The common case, one range: the kernel already merged adjacent pages, except where
         # its bounce buffer filled up, so a full merge (several passes over every region) is
         # only needed if two rows touch. One pass counts both (right after a scan every
-        # numpy call costs tens of microseconds).
-        summary = summarize(chunks[0])
-        return (merge(chunks[0]) if summary.n_touching else chunks[0]), summary.n_pages
-    regions = merge(np.concatenate(chunks))
-    return regions, n_pages(regions)
+        # numpy call costs tens of microseconds), and is remembered for the delta's encoding
+        # (usually it is the pass that copied the rows out of the scan).
+        summary = summarize(chunks[0], remember=True)
+        if not summary.n_touching:
+            return chunks[0], summary.n_pages
+        regions = merge(chunks[0])
+    else:
+        regions = merge(np.concatenate(chunks))
+    return regions, summarize(regions, remember=True).n_pages
 
 
 def _minus(a: RegionArray, b: RegionArray) -> RegionArray:
