@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from targets import PAGE, CoopTarget
 from writewatchd.kernel import PagemapScanner, Userfaultfd
 from writewatchd.kernel.batchscan import BatchRequests, BatchResult, BatchScanner
-from writewatchd.tracking.heat import HeatPolicy, HeatScheduler, TickPlan, pages_per_chunk
+from writewatchd.tracking.heat import HeatPolicy, HeatScheduler, TickPlan, Tier, pages_per_chunk
 from writewatchd.tracking.regions import as_regions
 
 TICK_MS = 50
@@ -143,6 +143,51 @@ def test_hot_chunks_every_tick_warm_every_kth_then_they_cool() -> None:
     assert cooled is not None and cooled.n_hot_pages == 0 and cooled.n_warm_pages == 0
 
 
+def test_a_fresh_idle_sessions_sweep_is_one_run_of_adjacent_chunks_per_tick() -> None:
+    clock = Clock()
+    scheduler = _scheduler(clock)
+    scheduler.add("s", 3, as_regions([(BASE, BASE + 64 * CHUNK)]), max_staleness_ms=1000)
+    seen: set[int] = set()
+    for _ in range(20):
+        clock.advance(TICK_MS)
+        plan = scheduler.plan()
+        assert len(plan) <= 1  # one ioctl per tick for its share of the sweep
+        seen |= _scanned(plan)
+        scheduler.complete(plan, _result(plan, {}))
+    assert seen == set(range(64))
+
+
+def test_every_tick_tier_then_the_rest_scan_what_one_plan_would() -> None:
+    """A tick planned in two tiers takes the hot chunks first, then the other due ones: together
+    the chunks one plan of everything takes, and the tick counted once."""
+    clocks = [Clock(), Clock()]
+    schedulers = [_scheduler(clock, warm_every_ticks=4, half_life_ms=200, hot_fraction=0.25) for clock in clocks]
+    hot = [(BASE + 2 * CHUNK, BASE + 2 * CHUNK + 8 * PAGE)]
+    warm = [(BASE + 5 * CHUNK, BASE + 5 * CHUNK + PAGE)]
+    kernels = [FakeKernel(), FakeKernel()]
+    for scheduler in schedulers:
+        scheduler.add("s", 3, as_regions([(BASE, BASE + 8 * CHUNK)]), max_staleness_ms=1000)
+    n_split = 0
+    for tick in range(80):
+        writes = hot + (warm if tick % 8 == 0 else [])
+        whole = _tick(schedulers[0], clocks[0], writes, kernels[0])
+        kernels[1].write(writes)
+        clocks[1].advance(TICK_MS)
+        tiers = []
+        for tier in (Tier.EVERY_TICK, Tier.REST):
+            plan = schedulers[1].plan(tier=tier)
+            tiers.append(_scanned(plan))
+            schedulers[1].complete(plan, _result(plan, {0: kernels[1].take(tiers[-1])}))
+        assert not tiers[0] & tiers[1]
+        assert tiers[0] | tiers[1] == whole
+        if tick >= 30:
+            assert tiers[0] == {2}  # the hot chunk, alone in the first tier
+            n_split += bool(tiers[1])
+    assert n_split > 0
+    stats = [scheduler.statistics("s") for scheduler in schedulers]
+    assert stats[0] == stats[1]
+
+
 def test_a_bound_of_one_tick_or_less_scans_everything_every_tick_in_one_request() -> None:
     clock = Clock()
     scheduler = _scheduler(clock)
@@ -154,6 +199,7 @@ def test_a_bound_of_one_tick_or_less_scans_everything_every_tick_in_one_request(
         assert plan.request_keys.tolist() == ["a", "b"]  # adjacent chunks coalesced: one request per session
         assert plan.requests.array["fd"].tolist() == [3, 4]
         assert plan.requests.array["end"].tolist() == [BASE + 4 * CHUNK, BASE + 2 * CHUNK]
+        assert len(scheduler.plan(tier=Tier.REST)) == 0  # all of it is in the first tier
         scheduler.complete(plan, _result(plan, {}))
 
 
@@ -236,9 +282,10 @@ def armed() -> Iterator[tuple[CoopTarget, PagemapScanner]]:
 def test_union_of_tick_deltas_is_exactly_the_writes(
     armed: tuple[CoopTarget, PagemapScanner], rounds: list[list[tuple[int, int]]], staleness_ticks: int
 ) -> None:
-    """Random writes that make chunks hot, let them cool, or leave them cold: whatever the plan
-    scanned, the union of what ticks found plus a final full harvest is exactly what was written,
-    and a write is found by the ticks within the staleness bound."""
+    """Random writes that make chunks hot, let them cool, or leave them cold: whatever the plans
+    scanned (each tick in two tiers, as the daemon's), the union of what ticks found plus a final
+    full harvest is exactly what was written, and a write is found by the ticks within the
+    staleness bound."""
     target, scanner = armed
     batch = BatchScanner()
     full = BatchRequests([scanner.fileno()], [target.base], [target.end])
@@ -259,11 +306,13 @@ def test_union_of_tick_deltas_is_exactly_the_writes(
                 written.add(p)
                 pending.setdefault(p, tick)
         clock.advance(TICK_MS)
-        plan = scheduler.plan()
-        result = batch.harvest(plan.requests)
-        assert not result.errors.any()
-        scheduler.complete(plan, result)
-        found = target.pages(result.regions)
+        found = set()
+        for tier in (Tier.EVERY_TICK, Tier.REST):
+            plan = scheduler.plan(tier=tier)
+            result = batch.harvest(plan.requests)
+            assert not result.errors.any()
+            scheduler.complete(plan, result)
+            found |= target.pages(result.regions)
         assert not found & reported - written  # nothing reported that was not written
         reported |= found
         for p in found:

@@ -4,7 +4,9 @@ Sessions that share a tick interval share one ticker, and a tick is one batched 
 compiled code (:class:`~writewatchd.kernel.batchscan.BatchScanner`) over the ranges its
 :class:`~writewatchd.tracking.heat.HeatScheduler` says are due, across all the sessions.
 Python then touches only the sessions whose scan found something (or failed, or has newly
-tracked ranges to report). A small batch runs on the event loop (the hand-off to a thread
+tracked ranges to report). A tick scans and publishes the chunks due every tick (the hot
+ones) first, then the cooler ones that are due: the walk of cold memory, long in a big
+session, never delays the hot writes. A small batch runs on the event loop (the hand-off to a thread
 costs more than the scan); a long one runs in the thread pool, split across
 ``scan_threads`` threads when the kernel's walk, not the GIL, is the limit.
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from .._exceptions import ProcessGone, UsageError
 from ..kernel.batchscan import BatchResult, BatchScanner, harvest_parallel
-from ..tracking.heat import HeatScheduler, TickPlan
+from ..tracking.heat import HeatScheduler, TickPlan, Tier
 from ..tracking.regions import EMPTY, RegionArray, as_regions, merge, n_bytes
 from ..tracking.tracker import Tracker
 from .hub import Published
@@ -244,7 +246,20 @@ class Ticker:
     async def _tick(self, late_ns: int) -> None:
         outcomes: dict[str, Published | BaseException | None] = {}
         self._check_some(outcomes)
-        plan = self.scheduler.plan(late_ns=late_ns, skip=frozenset(self._busy) | frozenset(outcomes))
+        checked = frozenset(outcomes)
+        await self._scan_and_publish(Tier.EVERY_TICK, late_ns, checked, outcomes)
+        await self._scan_and_publish(Tier.REST, late_ns, checked, {})
+
+    async def _scan_and_publish(
+        self,
+        tier: Tier,
+        late_ns: int,
+        skip: frozenset[str],
+        outcomes: dict[str, Published | BaseException | None],
+    ) -> None:
+        """Plan ``tier`` of the tick, scan it, settle and publish what it found (and ``outcomes``)."""
+        # No await between the plan and clearing _scanned: a session discarded meanwhile is not in the plan.
+        plan = self.scheduler.plan(late_ns=late_ns, skip=frozenset(self._busy) | skip, tier=tier)
         if len(plan) or self._touched:
             loop = asyncio.get_running_loop()
             self._scanned.clear()

@@ -11,6 +11,10 @@ are due:
 - cold chunks (idle sessions are cold everywhere) so that no write waits longer than the
   session's ``max_staleness_ms`` (a bound of one tick or less scans everything every tick).
 
+A tick may take its plan in two tiers (:class:`Tier`): first the chunks due every tick (the
+hot ones), whose writes the caller publishes at once, then the rest, so that a tick's walk of
+cooler chunks never delays the hot writes.
+
 When ticks cannot all be served (the caller reports each tick's lateness and work with
 :meth:`HeatScheduler.note_tick`), it sheds load by a level: level 1 scans warm chunks as cold
 ones, each further level doubles the hot interval, never beyond the staleness bound. Every
@@ -46,6 +50,7 @@ __all__ = [
     "HeatStatistics",
     "Temperature",
     "TickPlan",
+    "Tier",
     "pages_per_chunk",
 ]
 
@@ -62,6 +67,17 @@ class Temperature(enum.IntEnum):
     COLD = 0
     WARM = 1
     HOT = 2
+
+
+class Tier(enum.Enum):
+    """Which of the due chunks a tick's plan takes."""
+
+    #: Every due chunk.
+    ALL = "all"
+    #: Only those scanned every tick (hot ones, at the current shed level): planned first, counted for the tick.
+    EVERY_TICK = "every tick"
+    #: The others (warm, cold, pulled early), planned after the tick published the first tier.
+    REST = "rest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +264,7 @@ class HeatScheduler:
         self._due_ns = np.empty(0, np.int64)
         self._nominal_due_ns = np.empty(0, np.int64)
         self._pull_ns = np.empty(0, np.int64)
+        self._every_tick = np.empty(0, bool)
         self._first_due_ns = 0
         self._row_of = np.empty(0, np.int64)
 
@@ -351,6 +368,7 @@ class HeatScheduler:
         self._due_ns = np.zeros(len(self._start), np.int64)
         self._nominal_due_ns = np.zeros(len(self._start), np.int64)
         self._pull_ns = np.zeros(len(self._start), np.int64)
+        self._every_tick = np.zeros(len(self._start), bool)
         self._refresh_due(self.clock())
         self._generation += 1
         # Naive scanning (every bound a tick or less, max_staleness_ms=0): the same plan every tick.
@@ -396,29 +414,51 @@ class HeatScheduler:
 
     # -- ticks
 
-    def plan(self, now_ns: int | None = None, *, late_ns: int = 0, skip: frozenset[Hashable] = frozenset()) -> TickPlan:
-        """The requests of this tick, which started ``late_ns`` late (sessions in ``skip`` wait for the next)."""
+    def plan(
+        self,
+        now_ns: int | None = None,
+        *,
+        late_ns: int = 0,
+        skip: frozenset[Hashable] = frozenset(),
+        tier: Tier = Tier.ALL,
+    ) -> TickPlan:
+        """The requests of this tick, which started ``late_ns`` late (sessions in ``skip`` wait for the next).
+
+        A tick counts once (lag, ticks due and late): in the plan of :attr:`Tier.ALL` or
+        :attr:`Tier.EVERY_TICK`; a plan of :attr:`Tier.REST` follows one of those.
+        """
         with self._lock:
             now = self.clock() if now_ns is None else now_ns
             n = len(self._start)
             if n == 0:
                 return _empty_plan(now, self._generation)
+            counted = tier is not Tier.REST
             if self._full_plan is not None and not skip:
-                return self._every_tick_plan(now, late_ns > self._tick_ns // 2)
+                return (
+                    self._every_tick_plan(now, late_ns > self._tick_ns // 2)
+                    if counted
+                    else _empty_plan(now, self._generation)
+                )
             if now - self._due_refreshed_ns >= self._refresh_every_ns:
                 self._refresh_due(now)  # heat decayed: intervals only grow, so this can wait
             if now <= self._first_due_ns:  # nothing due (nominal due times come first)
-                self._counters[:, 0] = 0
+                if counted:
+                    self._counters[:, 0] = 0
                 return _empty_plan(now, self._generation)
             nominal_due = now > self._nominal_due_ns
             due = now > self._due_ns
             self._pull_early(now, due)
-            self._note_sessions(now, due, nominal_due, late_ns > self._tick_ns // 2)
+            if counted:
+                self._note_sessions(now, due, nominal_due, late_ns > self._tick_ns // 2)
             if skip:
                 for key in skip:
                     session = self._sessions.get(key)
                     if session is not None:
                         due[session.first : session.first + session.count] = False
+            if tier is Tier.EVERY_TICK:
+                due &= self._every_tick
+            elif tier is Tier.REST:
+                due &= ~self._every_tick
             return self._plan_of(np.flatnonzero(due), now)
 
     def _pull_early(self, now_ns: int, due: npt.NDArray[np.bool_]) -> None:
@@ -438,11 +478,15 @@ class HeatScheduler:
 
     def _stagger(self, n_chunks: int, staleness_ns: int) -> npt.NDArray[np.int64]:
         """How much older than it is to take each chunk's last scan, so that its chunks do not
-        all come due on the same tick (taking a scan older is always safe: it comes due earlier)."""
-        span_ns = staleness_ns - 2 * self._tick_ns
-        if span_ns <= 0 or n_chunks <= 1:
+        all come due on the same tick (taking a scan older is always safe: it comes due earlier).
+
+        The chunks are cut into one run of adjacent chunks per tick of the span: a tick's share
+        of the sweep is one request (one ioctl), not every n-th chunk in a request of its own.
+        """
+        n_ticks = (staleness_ns - 2 * self._tick_ns) // self._tick_ns
+        if n_ticks <= 0 or n_chunks <= 1:
             return np.zeros(n_chunks, np.int64)
-        offsets: npt.NDArray[np.int64] = (np.arange(n_chunks, dtype=np.int64) * self._tick_ns) % span_ns
+        offsets: npt.NDArray[np.int64] = (np.arange(n_chunks, dtype=np.int64) * n_ticks // n_chunks) * self._tick_ns
         return offsets
 
     def _plan_of(self, chunks: npt.NDArray[np.intp], now_ns: int) -> TickPlan:
@@ -520,6 +564,7 @@ class HeatScheduler:
         staleness = self._staleness_ns[index]
         intervals = self._intervals(temperature, self.shed_level, staleness)
         self._due_ns[index] = last + intervals - self._slack_ns
+        self._every_tick[index] = intervals <= self._tick_ns
         self._nominal_due_ns[index] = last + self._intervals(temperature, 0, staleness) - self._slack_ns
         # A chunk scanned at its staleness bound may go up to a quarter of it early, with
         # whatever else is due: the cold scans of many sessions gather on a few ticks, and
