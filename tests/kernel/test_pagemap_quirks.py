@@ -67,6 +67,20 @@ class TestStaleWalkEnd:
         assert harvested == set(range(0, self.N_PAGES, 2))
         assert sparse.written() == set()
 
+    def test_a_harvest_that_fills_the_buffer_grows_it_up_to_the_bound(self, sparse: Tracked) -> None:
+        expected = set(range(0, self.N_PAGES, 2))  # N_PAGES // 2 = 2048 regions
+        with PagemapScanner(capacity_regions=600, max_capacity_regions=1 << 20) as pm:
+            assert page_set(pm.harvest(sparse.mem.addr, sparse.mem.end), sparse.mem.addr) == expected
+            assert pm.capacity_regions == 4096  # the next power of two above 2048: one ioctl next time
+            sparse.mem.write_all()
+            assert page_set(pm.harvest(sparse.mem.addr, sparse.mem.end), sparse.mem.addr) == set(range(self.N_PAGES))
+        with PagemapScanner(capacity_regions=600, max_capacity_regions=1000) as pm:
+            sparse.scanner.harvest(sparse.mem.addr, sparse.mem.end)
+            sparse.mem.write(range(0, self.N_PAGES, 2))
+            assert page_set(pm.harvest(sparse.mem.addr, sparse.mem.end), sparse.mem.addr) == expected
+            assert pm.capacity_regions == 1000
+        assert sparse.written() == set()
+
     @pytest.mark.parametrize("capacity", [600, 2048, 8192], ids=["several-calls", "vec-exactly-full", "one-call"])
     def test_scan_reports_everything_once(self, sparse: Tracked, capacity: int) -> None:
         with PagemapScanner(capacity_regions=capacity) as pm:

@@ -50,7 +50,7 @@ def _expected(regions: np.ndarray, base: int) -> RegionSummary:
 
 def test_the_compiled_pass_is_built_here() -> None:
     # The suite runs where cc exists (.ci/run installs it): the fast path must really be tested.
-    assert summary._summarize_function() is not None
+    assert summary._compiled() is not None
 
 
 @given(first_page=first_pages, pairs=steps)
@@ -158,12 +158,12 @@ def test_empty_regions() -> None:
 
 
 def _without_compiler(function: object) -> object:
-    original = summary._summarize_function
-    summary._summarize_function = lambda: None  # type: ignore[assignment]
+    original = summary._compiled
+    summary._compiled = lambda: None  # type: ignore[assignment]
     try:
         return function()  # type: ignore[operator]
     finally:
-        summary._summarize_function = original
+        summary._compiled = original
 
 
 def _canonical(session_id: str, delta: Delta, chunk: np.ndarray, index: int, count: int) -> pb.SubscribeResponse:

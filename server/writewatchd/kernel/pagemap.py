@@ -158,6 +158,9 @@ class PagemapScanner(OwnedFd):
     ``rows_to_regions``, when given, copies :meth:`harvest`'s rows out of the buffer instead
     of the scanner: a caller that post-processes every harvest can do it in the same pass,
     while the rows are still in the cache (tracking's compiled region summary does).
+    With ``max_capacity_regions`` above ``capacity_regions``, a harvest that fills the buffer
+    grows it (to the next power of two above the regions it found, at most that), so that a
+    target writing that scattered is harvested in one ioctl and one copy from then on.
     """
 
     def __init__(
@@ -165,6 +168,7 @@ class PagemapScanner(OwnedFd):
         pid: int | None = None,
         *,
         capacity_regions: int = _DEFAULT_CAPACITY_REGIONS,
+        max_capacity_regions: int = 0,
         rows_to_regions: RowsToRegions | None = None,
     ) -> None:
         if capacity_regions < 1:
@@ -175,25 +179,30 @@ class PagemapScanner(OwnedFd):
             self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise_errno(exc.errno or errno.EIO, f"open {path}", hint="PTRACE_MODE_READ access to the target is needed")
-        self._buffer = np.zeros((capacity_regions, _REGION_FIELDS), dtype=np.uint64)
-        self._capacity_regions = capacity_regions
+        self._max_capacity_regions = max(capacity_regions, max_capacity_regions)
         self._rows_to_regions = rows_to_regions
-        self._buffer_address = int(self._buffer.ctypes.data)
-        self._start_end_pairs = np.ndarray(
-            (capacity_regions,), dtype=_START_END, buffer=self._buffer, strides=(_REGION_BYTES,)
-        )
         self._arg = PmScanArg(size=ctypes.sizeof(PmScanArg))
         self._arg_ref = ctypes.byref(self._arg)
         # harvest() has its own argument struct, filled once: per call it only sets the range.
         self._harvest_arg = PmScanArg(
             size=ctypes.sizeof(PmScanArg),
             flags=HARVEST_FLAGS,
-            vec=self._buffer_address,
-            vec_len=capacity_regions,
             category_mask=Category.WRITTEN,
             return_mask=Category.WRITTEN,
         )
         self._harvest_arg_ref = ctypes.byref(self._harvest_arg)
+        self._allocate(capacity_regions)
+
+    def _allocate(self, capacity_regions: int) -> None:
+        """A new output buffer of ``capacity_regions`` rows (what it held is dropped)."""
+        self._buffer = np.zeros((capacity_regions, _REGION_FIELDS), dtype=np.uint64)
+        self._capacity_regions = capacity_regions
+        self._buffer_address = int(self._buffer.ctypes.data)
+        self._start_end_pairs = np.ndarray(
+            (capacity_regions,), dtype=_START_END, buffer=self._buffer, strides=(_REGION_BYTES,)
+        )
+        self._harvest_arg.vec = self._buffer_address
+        self._harvest_arg.vec_len = capacity_regions
 
     @property
     def capacity_regions(self) -> int:
@@ -316,11 +325,18 @@ class PagemapScanner(OwnedFd):
                 if not chunks:
                     return self._starts_ends(n) if n else _EMPTY
                 chunks.append(self._starts_ends(n))
-                return _join(chunks)
+                return self._joined(chunks)
             chunks.append(self._starts_ends(n))
             position = max(int(arg.walk_end), int(self._buffer[-1, 1]))
             if position >= end:
-                return _join(chunks)
+                return self._joined(chunks)
+
+    def _joined(self, chunks: list[npt.NDArray[np.uint64]]) -> npt.NDArray[np.uint64]:
+        """The regions of a harvest that filled the buffer, which grows if it may."""
+        regions = _join(chunks)
+        if self._capacity_regions < self._max_capacity_regions:
+            self._allocate(min(self._max_capacity_regions, 1 << len(regions).bit_length()))
+        return regions
 
     def _starts_ends(self, n_regions: int) -> npt.NDArray[np.uint64]:
         """A fresh contiguous ``(n_regions, 2)`` copy of the buffer's first start/end columns."""

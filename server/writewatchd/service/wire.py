@@ -35,9 +35,16 @@ _WIDE_PAIR_BYTES = 16  # the widest encoding of one region
 _NARROW_PAIR_BYTES = 8
 _ZERO_GAP_BYTES = 4  # the u32 gap of a narrow pair
 _ZERO_GAP = bytes(_ZERO_GAP_BYTES)
-_DELTA_FIELD = pb.SubscribeResponse.DESCRIPTOR.fields_by_name["delta"].number
-_REGIONS_FIELD = pb.Delta.DESCRIPTOR.fields_by_name["regions"].number
-_PAIRS_FIELD = pb.PackedRegions.DESCRIPTOR.fields_by_name["pairs"].number
+# Keys (field number, wire type 2: length-delimited; numbers below 16 make one-byte keys) of the
+# fields that hold a frame's pairs.
+_DELTA_KEY, _REGIONS_KEY, _PAIRS_KEY = (
+    bytes((descriptor.fields_by_name[name].number << 3 | 2,))
+    for descriptor, name in (
+        (pb.SubscribeResponse.DESCRIPTOR, "delta"),
+        (pb.Delta.DESCRIPTOR, "regions"),
+        (pb.PackedRegions.DESCRIPTOR, "pairs"),
+    )
+)
 _WIRE_PAGE_SIZE = 0 if PAGE_SIZE == 4096 else PAGE_SIZE  # 0 on the wire means 4 KiB
 
 
@@ -155,10 +162,7 @@ def _frame_with_pairs(
         response.delta, session_id, delta, regions=chunk, index=index, count=count, n_pages=n_pages, with_pairs=False
     )
     n_bytes = _NARROW_PAIR_BYTES * len(chunk)
-    pairs_head = _field_head(_PAIRS_FIELD, n_bytes)
-    regions_head = _field_head(_REGIONS_FIELD, len(pairs_head) + n_bytes)
-    delta_head = _field_head(_DELTA_FIELD, len(regions_head) + len(pairs_head) + n_bytes)
-    parts: list[bytes | memoryview] = [response.SerializeToString(), delta_head, regions_head, pairs_head]
+    parts: list[bytes | memoryview] = [response.SerializeToString(), _pairs_prefix(n_bytes)]
     start_byte, end_byte = _NARROW_PAIR_BYTES * first, _NARROW_PAIR_BYTES * first + n_bytes
     view = memoryview(pairs)
     if first == 0:
@@ -168,9 +172,12 @@ def _frame_with_pairs(
     return b"".join(parts)
 
 
-def _field_head(field_number: int, length_bytes: int) -> bytes:
-    """The key and length of a length-delimited field (wire type 2)."""
-    return _varint(field_number << 3 | 2) + _varint(length_bytes)
+def _pairs_prefix(n_bytes: int) -> bytes:
+    """The keys and lengths that make the next ``n_bytes`` a ``SubscribeResponse``'s ``delta.regions.pairs``."""
+    pairs_head = _PAIRS_KEY + _varint(n_bytes)
+    regions_length = len(pairs_head) + n_bytes
+    regions_head = _REGIONS_KEY + _varint(regions_length)
+    return _DELTA_KEY + _varint(len(regions_head) + regions_length) + regions_head + pairs_head
 
 
 def _varint(value: int) -> bytes:

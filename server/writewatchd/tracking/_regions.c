@@ -1,17 +1,20 @@
 /* One pass over a region array, for the daemon's harvest path (tracking/summary.py).
  *
- * bounds holds n_regions [start, end) pairs of byte addresses, row_words u64 apart: 2 for a
- * region array (s0, e0, s1, e1, ...), 3 for the page_region rows PAGEMAP_SCAN writes
- * (start, end, categories). The pass checks what the wire codec requires (page-aligned
- * bounds, start < end, sorted and not overlapping, base <= s0), counts pages and the rows
- * that touch the previous one, and, when not NULL,
- * - copy receives the [start, end) pairs as a contiguous (n_regions, 2) array, and
- * - pairs receives the (gap, n) pairs of the wire format in pages from base as u32
- *   (writewatch.v1.PackedRegions.pairs, little-endian on the hosts the daemon runs on).
- * A value over 2**32 - 1 is not written: the summary's max_step tells the caller to use the
- * wide encoding instead. Right after a page-table walk the caches hold what the walk left
- * and every separate call or pass over the rows costs several times its warm time; this is
- * one call and one pass for the copy out of the scan buffer, the counts and the encoding.
+ * The pass checks what the wire codec requires (page-aligned bounds, start < end, sorted
+ * and not overlapping, base <= the first start), counts pages and the rows that touch the
+ * previous one, and, when pairs is not NULL, writes the (gap, n) pairs of the wire format in
+ * pages from base as u32 (writewatch.v1.PackedRegions.pairs, little-endian on the hosts the
+ * daemon runs on). A value over 2**32 - 1 is not written: the summary's max_step tells the
+ * caller to use the wide encoding instead.
+ *
+ * ww_summarize reads a region array: n_regions [start, end) pairs, s0, e0, s1, e1, ...
+ * ww_copy_scan reads the page_region rows PAGEMAP_SCAN wrote ({start, end, categories}),
+ * copies their [start, end) pairs out as a contiguous (n_regions, 2) array and summarizes
+ * them from the first start, in the same pass.
+ *
+ * Right after a page-table walk the caches hold what the walk left, and every separate call
+ * or pass over the rows costs several times its warm time: this is one call and one pass for
+ * the copy out of the scan buffer, the counts and the encoding.
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -32,8 +35,9 @@ struct ww_region_summary {
 
 size_t ww_summary_size(void) { return sizeof(struct ww_region_summary); }
 
-int ww_summarize(const uint64_t *bounds, size_t row_words, size_t n_regions, uint64_t base, unsigned page_shift,
-		 uint64_t *copy, uint32_t *pairs, struct ww_region_summary *summary)
+/* Rows of row_words u64 each, the first two being [start, end); inlined with a constant row_words. */
+static inline int pass(const uint64_t *bounds, const size_t row_words, size_t n_regions, uint64_t base,
+		       unsigned page_shift, uint64_t *copy, uint32_t *pairs, struct ww_region_summary *summary)
 {
 	const uint64_t mask = (1ULL << page_shift) - 1;
 	uint64_t previous = base, n_pages = 0, n_touching = 0, max_step = 0;
@@ -69,4 +73,16 @@ int ww_summarize(const uint64_t *bounds, size_t row_words, size_t n_regions, uin
 	summary->n_touching = n_touching;
 	summary->max_step = max_step;
 	return WW_REGIONS_OK;
+}
+
+int ww_summarize(const uint64_t *bounds, size_t n_regions, uint64_t base, unsigned page_shift, uint32_t *pairs,
+		 struct ww_region_summary *summary)
+{
+	return pass(bounds, 2, n_regions, base, page_shift, NULL, pairs, summary);
+}
+
+int ww_copy_scan(const uint64_t *rows, size_t n_regions, unsigned page_shift, uint64_t *copy, uint32_t *pairs,
+		 struct ww_region_summary *summary)
+{
+	return pass(rows, 3, n_regions, n_regions ? rows[0] : 0, page_shift, copy, pairs, summary);
 }

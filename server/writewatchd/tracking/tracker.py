@@ -83,7 +83,12 @@ def _check_ranges(ranges: RegionArray) -> None:
 
 
 class Tracker:
-    """Write tracking of one process through a userfaultfd created by that process."""
+    """Write tracking of one process through a userfaultfd created by that process.
+
+    Its scan buffer holds ``capacity_regions`` regions (24 bytes each) and grows up to
+    ``max_capacity_regions`` for a target that writes more scattered pages than that between
+    two harvests, so that one ioctl and one copy harvest it.
+    """
 
     def __init__(
         self,
@@ -93,6 +98,7 @@ class Tracker:
         ranges: Iterable[tuple[int, int]] | RegionArray = (),
         auto: bool = False,
         capacity_regions: int = 1 << 16,
+        max_capacity_regions: int = 1 << 20,
     ) -> None:
         explicit = as_regions(ranges)
         _check_ranges(explicit)
@@ -113,7 +119,10 @@ class Tracker:
         self._process = ProcessHandle(identity.pid)
         try:
             self._scanner = PagemapScanner(
-                identity.pid, capacity_regions=capacity_regions, rows_to_regions=regions_of_scan
+                identity.pid,
+                capacity_regions=capacity_regions,
+                max_capacity_regions=max_capacity_regions,
+                rows_to_regions=regions_of_scan,
             )
         except BaseException:
             self._process.close()
@@ -204,8 +213,10 @@ class Tracker:
             self._check_same_mm(started_ns)
             if self.auto:
                 self._refresh_auto()
-            chunks = [self._pending_written.regions] if len(self._pending_written) else []
-            self._pending_written.clear()
+            chunks = []
+            if len(self._pending_written):
+                chunks.append(self._pending_written.regions)
+                self._pending_written.clear()
             for start, end in self._ranges():
                 found = self._harvest_range(start, end)
                 if len(found):
