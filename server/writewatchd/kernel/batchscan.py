@@ -129,7 +129,7 @@ class BatchScanner:
         if capacity_regions < 1:
             raise UsageError(f"capacity_regions must be >= 1, got {capacity_regions}")
         self._library = load() if compiled else None
-        self._buffer = np.zeros((capacity_regions, _REGION_FIELDS), dtype=np.uint64)
+        self._buffer = np.empty((capacity_regions, _REGION_FIELDS), dtype=np.uint64)  # only filled rows are read
         self._n_used = ctypes.c_size_t(0)
 
     @property
