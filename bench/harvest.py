@@ -334,13 +334,19 @@ def run(quick: bool) -> Section:
         f"{_size(sizes[-1])} and over gRPC. "
         "Bare = one ctypes PAGEMAP_SCAN ioctl (WP_MATCHING|CHECK_WPASYNC, mask = return = WRITTEN) into a "
         "preallocated vec big enough for the whole range; same pages re-dirtied (untimed) before each call.",
-        "The daemon's extra time is `Tracker.harvest`'s bookkeeping (the page count, and a check that no two "
-        "rows touch) and the encoding (`Hub.prepare` column: `wire.delta_frames` packs the regions into (gap, n) "
-        "u32 pairs in one protobuf frame). Right after a scan every call runs with the caches the page-table walk "
-        "evicted and costs several times its warm time, so the cost is the number of distinct calls, not the "
-        "bytes: both steps are one pass of tracking/_regions.c each (compiled on first use; numpy without a "
-        "compiler), and the frame is filled in place. The hub here has one subscriber: `Hub.prepare` skips the "
-        "encoding while a session has none (its frames are then encoded on first use).",
+        "The daemon's extra time: copying the regions out of the kernel's buffer, `Tracker.harvest`'s bookkeeping "
+        "(the page count, and a check that no two rows touch) and the encoding (`Hub.prepare` column: "
+        "`wire.delta_frames` packs the regions into (gap, n) u32 pairs in a protobuf frame). Right after a scan every "
+        "call runs with the caches the page-table walk evicted and costs several times its warm time, so the cost is "
+        "the number of distinct calls and the bytes moved. One compiled pass (tracking/_regions.c `ww_copy_scan`, "
+        "compiled on first use; numpy without a compiler) copies the rows out of the scan buffer, checks and counts "
+        "them and writes the pairs, and is remembered for that array: neither the tracker nor the encoder makes a "
+        "pass of its own. The frame is serialized without the pairs, which follow as a second occurrence of "
+        "`delta.regions` (protobuf parsers merge the two), so the pairs are copied once, not three times; a delta of "
+        "several fragments takes slices of them. A tracker's scan buffer grows to hold a harvest that filled it (up "
+        "to 2**20 regions): 16 GiB at 14 % is one ioctl and one copy, not eight and a join. The hub here has one "
+        "subscriber: `Hub.prepare` skips the encoding while a session has none (its frames are then encoded on "
+        "first use).",
         f"`Hub.prepare` of one {_size(sizes[0])}, 1 % delta (us): "
         + "; ".join(f"{state}: {stats.fmt(1)}" for state, stats in warmth.items())
         + ". A harvester runs once per tick, i.e. always in the second state on this VM; the gap is the "
