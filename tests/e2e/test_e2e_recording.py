@@ -165,6 +165,10 @@ def test_a_recording_rides_through_a_daemon_restart_into_a_new_epoch(
     while 7 not in {p for d in writewatch.read_recording(path) for p in target.pages(d.regions) if not d.resync}:
         assert time.monotonic() < deadline, "the write after the restart was not recorded"
         time.sleep(0.05)
+    # Every write is in a delta up to this barrier; the harvests of the exit itself may
+    # over-report (the target's memory goes away under the scan), so they are not compared.
+    with writewatch.Client(daemon.address) as client:
+        _, barrier_seq = client.session(session.id).flush()
     target.exit()
     _, stderr = recorder.communicate(timeout=30)
     assert recorder.returncode == 0, stderr
@@ -174,7 +178,7 @@ def test_a_recording_rides_through_a_daemon_restart_into_a_new_epoch(
     first, second = ([d for d in deltas if d.epoch == e] for e in epochs)
     assert {p for d in first for p in target.pages(d.regions)} == {5}
     assert second[0].resync and target.pages(second[0].regions) == set(range(target.n_pages))
-    assert {p for d in second[1:] for p in target.pages(d.regions)} == {7}
+    assert {p for d in second[1:] if d.seq <= barrier_seq for p in target.pages(d.regions)} == {7}
 
 
 def test_an_unknown_session_fails_before_creating_the_file(daemon: DaemonProcess, tmp_path: Path) -> None:
