@@ -203,7 +203,8 @@ class Tracker:
                 self._unregister(start, end)
 
     def harvest(self) -> RegionArray:
-        """The pages written since the last harvest, re-protected; sorted, merged ``(n, 2)``.
+        """The pages written since the last harvest, re-protected; sorted, merged ``(n, 2)``, read-only
+        (its summary is remembered for the delta's encoding, :func:`~.summary.summarize`).
 
         Raises :class:`ProcessGone` once the target has exited or executed a new program,
         whatever a scan of its memory answers on this kernel build (docs/kernel.md §8.1).
