@@ -171,14 +171,18 @@ class Follower:
     def _on_fork(self, parent_tgid: int, child_pid: int) -> None:
         if self._manager.readopting:
             return  # polled once every session is back
+        # Every fork on the machine comes here: two dict lookups dismiss the unrelated ones
+        # before anything that looks at every session.
+        parent = self.followed.get(parent_tgid)
+        pending_parent = self.pending.get(parent_tgid) if parent is None else None
+        if parent is None and pending_parent is None:
+            return
         if child_pid in self.followed or child_pid in self.pending or self._manager.tracks_pid(child_pid):
             return
-        parent = self.followed.get(parent_tgid)
         if parent is not None:
             if parent.active and parent.record.follow_children:
                 self._adopt(self._manager.pending_child(parent, child_pid))
             return
-        pending_parent = self.pending.get(parent_tgid)
         if pending_parent is not None:
             self._adopt(self._manager.pending_child_of_pending(pending_parent, child_pid))
 
