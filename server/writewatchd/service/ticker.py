@@ -26,7 +26,7 @@ from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
@@ -40,6 +40,8 @@ from .hub import Published
 __all__ = ["MAX_TICK_INTERVAL_MS", "Tickable", "Ticker", "TickerStatistics", "tick_interval_ms"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+_R = TypeVar("_R")
 
 MAX_TICK_INTERVAL_MS = 3_600_000
 # A batch that walks fewer pages than this runs on the event loop (~0.1 ms of kernel time).
@@ -126,6 +128,7 @@ class Ticker:
         self._touched: set[str] = set()
         self._busy: dict[str, int] = {}
         self._check_cursor = 0
+        self._off_loop_cpu_ns = 0
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -222,6 +225,9 @@ class Ticker:
     async def _run(self) -> None:
         interval_ns = self.interval_ms * 1_000_000
         next_tick_ns = time.monotonic_ns()
+        # The daemon's own load, which alone moves the shed level: CPU time of the event loop's
+        # thread (ticks, deliveries, RPCs) plus the ticks' work in other threads, per wall time.
+        mark_ns, mark_cpu_ns = next_tick_ns, time.thread_time_ns()
         while self._sessions:
             # The first tick comes one interval after the start: a session just created (and
             # harvested) must not lose its caller's first writes to an immediate tick.
@@ -241,7 +247,10 @@ class Ticker:
                 log.exception("tick of the %d ms interval failed", self.interval_ms)
             finally:
                 self._idle.set()
-            self.scheduler.note_tick(late_ns, time.monotonic_ns() - started_ns)
+            now_ns, now_cpu_ns = time.monotonic_ns(), time.thread_time_ns()
+            busy_ns = now_cpu_ns - mark_cpu_ns + self._off_loop_cpu_ns
+            self.scheduler.note_tick(late_ns, busy_ns, now_ns - mark_ns)
+            mark_ns, mark_cpu_ns, self._off_loop_cpu_ns = now_ns, now_cpu_ns, 0
 
     async def _tick(self, late_ns: int) -> None:
         outcomes: dict[str, Published | BaseException | None] = {}
@@ -267,7 +276,7 @@ class Ticker:
                 if plan.requests.n_pages <= _INLINE_MAX_PAGES:
                     result = self._scan(plan)
                 else:
-                    result = await loop.run_in_executor(self._executor, self._scan, plan)
+                    result = await loop.run_in_executor(self._executor, self._off_loop, self._scan, plan)
             finally:
                 self._scanned.set()
             work = self._gather(plan, result)
@@ -275,7 +284,7 @@ class Ticker:
                 if len(result.regions) <= _INLINE_MAX_REGIONS:
                     outcomes.update(self._settle(work))
                 else:
-                    outcomes.update(await loop.run_in_executor(self._executor, self._settle, work))
+                    outcomes.update(await loop.run_in_executor(self._executor, self._off_loop, self._settle, work))
         for key, outcome in outcomes.items():
             session = self._sessions.get(key)
             if session is not None and outcome is not None:
@@ -306,6 +315,14 @@ class Ticker:
                 continue
             self._sync_ranges(session)
         self._check_cursor = (self._check_cursor + n) % len(sessions)
+
+    def _off_loop(self, function: Callable[[_T], _R], argument: _T) -> _R:
+        """``function(argument)`` in a worker thread, its CPU time counted in the daemon's load."""
+        started_ns = time.thread_time_ns()
+        try:
+            return function(argument)
+        finally:
+            self._off_loop_cpu_ns += time.thread_time_ns() - started_ns
 
     def _scan(self, plan: TickPlan) -> BatchResult:
         result = harvest_parallel(self._scanners, plan.requests, self._parts_executor)

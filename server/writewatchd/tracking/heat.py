@@ -15,9 +15,12 @@ A tick may take its plan in two tiers (:class:`Tier`): first the chunks due ever
 hot ones), whose writes the caller publishes at once, then the rest, so that a tick's walk of
 cooler chunks never delays the hot writes.
 
-When ticks cannot all be served (the caller reports each tick's lateness and work with
-:meth:`HeatScheduler.note_tick`), it sheds load by a level: level 1 scans warm chunks as cold
-ones, each further level doubles the hot interval, never beyond the staleness bound. Every
+When the daemon's own work no longer fits the ticks (the caller reports, with
+:meth:`HeatScheduler.note_tick`, each tick's lateness and the CPU time the daemon spent since
+the previous one), it sheds load by a level: level 1 scans warm chunks as cold ones, each
+further level doubles the hot interval, never beyond the staleness bound. A tick that starts
+late because the machine ran something else sheds nothing (it is counted late): scanning less
+would free the daemon's time, which is not what is short then. Every
 chunk becomes due once its age reaches its interval, so no session starves; how far behind
 the nominal schedule each session is (its lag) is in :meth:`HeatScheduler.statistics`.
 
@@ -95,11 +98,13 @@ class HeatPolicy:
     #: Smallest chunk; a session's chunks grow (powers of two) to keep at most ``max_chunks``.
     min_chunk_bytes: int = 2 * _MIB
     max_chunks: int = 4096
-    #: Shed level up when the ticks' load (lateness or work, a fraction of the interval,
-    #: smoothed over about 1 / ``load_smoothing`` ticks) exceeds this...
-    overload_fraction: float = 0.5
-    #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction``.
-    calm_fraction: float = 0.25
+    #: Shed level up when the daemon's load (its CPU time per wall time between ticks,
+    #: smoothed over about 1 / ``load_smoothing`` ticks) exceeds this: its event loop is then
+    #: so busy that ticks and deliveries queue behind each other...
+    overload_fraction: float = 0.9
+    #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction`` (below half the
+    #: overload: the level below, with about twice the work, fits again).
+    calm_fraction: float = 0.4
     calm_ticks: int = 20
     load_smoothing: float = 0.25
     #: A tick that scans anyway takes at most this many cold chunks (and pages) early.
@@ -608,11 +613,17 @@ class HeatScheduler:
             self._last_scan_ns[span] = np.maximum(self._last_scan_ns[span], staggered)
             self._refresh_due(started_ns, np.arange(span.start, span.stop))
 
-    def note_tick(self, late_ns: int, busy_ns: int) -> None:
-        """How late a tick started and how long its work took: moves the shed level."""
+    def note_tick(self, late_ns: int, busy_ns: int, period_ns: int = 0) -> None:
+        """A tick started ``late_ns`` late, and the daemon spent ``busy_ns`` of CPU time on its own
+        work over the ``period_ns`` (default: one interval) since the previous one: moves the shed level.
+
+        Only ``busy_ns`` moves it. Lateness counts a late tick: on a machine busy with other
+        work (targets, consumers) the daemon is descheduled, and shedding would only delay
+        writes without making the next tick any earlier.
+        """
         policy = self.policy
-        # Smoothed: one tick the machine descheduled is noise, a run of them is overload.
-        sample = max(late_ns, busy_ns) / self._tick_ns
+        # Smoothed: one busy tick (a burst of RPCs, a full harvest) is noise, a run of them is overload.
+        sample = busy_ns / max(period_ns, self._tick_ns)
         self.load += policy.load_smoothing * (sample - self.load)
         load = self.load
         self.n_ticks += 1
