@@ -223,7 +223,7 @@ def test_overload_sheds_warm_then_hot_reports_lag_and_recovers() -> None:
     while scheduler.shed_level < 3:  # ...the daemon's own work filling every interval is not
         scheduler.note_tick(late_ns=0, busy_ns=TICK_MS * MS)
         n_ticks += 1
-    assert n_ticks <= 10  # hot chunks every 4th tick now
+    assert n_ticks <= 30  # hot chunks every 4th tick now
     scans = sum(0 in _tick(scheduler, clock, hot, kernel) for _ in range(20))
     assert 4 <= scans <= 6
     stats = scheduler.statistics("s")

@@ -99,14 +99,15 @@ class HeatPolicy:
     min_chunk_bytes: int = 2 * _MIB
     max_chunks: int = 4096
     #: Shed level up when the daemon's load (its CPU time per wall time between ticks,
-    #: smoothed over about 1 / ``load_smoothing`` ticks) exceeds this: its event loop is then
-    #: so busy that ticks and deliveries queue behind each other...
+    #: smoothed over about 1 / ``load_smoothing`` ticks, half a second at 50 ms) exceeds this:
+    #: its event loop is then so busy that ticks and deliveries queue behind each other...
     overload_fraction: float = 0.9
-    #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction`` (below half the
-    #: overload: the level below, with about twice the work, fits again).
-    calm_fraction: float = 0.4
+    #: ...and down after ``calm_ticks`` ticks in a row below ``calm_fraction``. Not much lower:
+    #: part of the load does not shrink with the level (calls, the ticks themselves), and a
+    #: level that sheds to 60 % must not stay up for good.
+    calm_fraction: float = 0.6
     calm_ticks: int = 20
-    load_smoothing: float = 0.25
+    load_smoothing: float = 0.1
     #: A tick that scans anyway takes at most this many cold chunks (and pages) early.
     pull_max_chunks: int = 64
     pull_max_pages: int = 1 << 16
