@@ -1,14 +1,15 @@
 """Tick intervals and the :class:`Ticker` that harvests every session of one interval.
 
-Sessions that share a tick interval share one ticker, and a tick is one batched call into
+Sessions that share a tick interval share one ticker, and a tick is a batched call into
 compiled code (:class:`~writewatchd.kernel.batchscan.BatchScanner`) over the ranges its
 :class:`~writewatchd.tracking.heat.HeatScheduler` says are due, across all the sessions.
 Python then touches only the sessions whose scan found something (or failed, or has newly
 tracked ranges to report). A tick scans and publishes the chunks due every tick (the hot
-ones) first, then the cooler ones that are due: the walk of cold memory, long in a big
-session, never delays the hot writes. A small batch runs on the event loop (the hand-off to a thread
-costs more than the scan); a long one runs in the thread pool, split across
-``scan_threads`` threads when the kernel's walk, not the GIL, is the limit.
+ones); half an interval later a second batch scans the cooler ones that are due: the walk of
+cold memory, long in a big session, never delays the hot writes nor competes with their
+delivery. A small batch runs on the event loop (the hand-off to a thread costs more than the
+scan); a long one runs in the thread pool, split across ``scan_threads`` threads when the
+kernel's walk, not the GIL, is the limit.
 
 An on-demand harvest (flush, harvest, a view's call), a range change or the end of a session
 goes through :meth:`Ticker.exclusive`: it waits for a tick in flight to publish, and the
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Callable, Coroutine, Hashable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
@@ -239,25 +240,33 @@ class Ticker:
             late_ns = max(0, started_ns - next_tick_ns)
             if late_ns > interval_ns:
                 next_tick_ns = started_ns  # fell behind: do not burst to catch up
-            self._idle.clear()
-            try:
-                await self._tick(late_ns)
-            except Exception:
-                # A tick must never stop the ticks of every session: log, and tick again.
-                log.exception("tick of the %d ms interval failed", self.interval_ms)
-            finally:
-                self._idle.set()
+            await self._step(self._tick(late_ns))
+            # The cooler chunks half an interval later: their walk (and its thread) stays away
+            # from the delivery of the hot writes this tick just published.
+            delay_ns = next_tick_ns + interval_ns // 2 - time.monotonic_ns()
+            if delay_ns > 0 and not self.scheduler.every_tick_only:
+                await asyncio.sleep(delay_ns / 1e9)
+            await self._step(self._scan_and_publish(Tier.REST, late_ns, frozenset(), {}))
             now_ns, now_cpu_ns = time.monotonic_ns(), time.thread_time_ns()
             busy_ns = now_cpu_ns - mark_cpu_ns + self._off_loop_cpu_ns
             self.scheduler.note_tick(late_ns, busy_ns, now_ns - mark_ns)
             mark_ns, mark_cpu_ns, self._off_loop_cpu_ns = now_ns, now_cpu_ns, 0
 
+    async def _step(self, work: Coroutine[None, None, None]) -> None:
+        """Run one step of a tick; on-demand harvests wait for it (``_idle``)."""
+        self._idle.clear()
+        try:
+            await work
+        except Exception:
+            # A tick must never stop the ticks of every session: log, and tick again.
+            log.exception("tick of the %d ms interval failed", self.interval_ms)
+        finally:
+            self._idle.set()
+
     async def _tick(self, late_ns: int) -> None:
         outcomes: dict[str, Published | BaseException | None] = {}
         self._check_some(outcomes)
-        checked = frozenset(outcomes)
-        await self._scan_and_publish(Tier.EVERY_TICK, late_ns, checked, outcomes)
-        await self._scan_and_publish(Tier.REST, late_ns, checked, {})
+        await self._scan_and_publish(Tier.EVERY_TICK, late_ns, frozenset(outcomes), outcomes)
 
     async def _scan_and_publish(
         self,

@@ -13,7 +13,8 @@ are due:
 
 A tick may take its plan in two tiers (:class:`Tier`): first the chunks due every tick (the
 hot ones), whose writes the caller publishes at once, then the rest, so that a tick's walk of
-cooler chunks never delays the hot writes.
+cooler chunks never delays the hot writes (the daemon's ticker scans the rest half an
+interval later).
 
 When the daemon's own work no longer fits the ticks (the caller reports, with
 :meth:`HeatScheduler.note_tick`, each tick's lateness and the CPU time the daemon spent since
@@ -304,6 +305,11 @@ class HeatScheduler:
             if session is not None:
                 session.max_staleness_ns = max(0, max_staleness_ms) * _NS_PER_MS
                 self._rebuild()
+
+    @property
+    def every_tick_only(self) -> bool:
+        """Whether every chunk is scanned every tick (every bound is a tick or less): no :attr:`Tier.REST`."""
+        return self._full_plan is not None
 
     def __contains__(self, key: object) -> bool:
         return key in self._sessions
