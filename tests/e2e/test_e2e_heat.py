@@ -127,3 +127,39 @@ def test_max_staleness_zero_scans_everything_every_tick(client: writewatch.Clien
         time.sleep(0.01)
     assert all(d.covered is None for _, d in arrivals.deltas)  # full scans only
     session.close()
+
+
+def test_a_long_hot_tier_is_published_in_parts_exactly(client: writewatch.Client) -> None:
+    """Hot chunks over more than the inline limit (256 MiB) are scanned and published in parts
+    as the scan goes: the deltas stay exact, and a tick's part covers a share of the target."""
+    target = CoopTarget(1 << 17)  # 512 MiB, never populated but for the pages written
+    try:
+        session = client.attach(
+            target.pid, ranges=[(target.base, target.end)], uffd_fd=target.uffd_fd, tick_interval_ms=50
+        )
+        arrivals = Arrivals(session)
+        written: set[int] = set()
+        for _ in range(30):  # 1.5 s: every chunk's scan at the bound finds it hot (1/32 of its pages)
+            written |= target.stride_write(0, target.n_pages // 32, 32)
+            time.sleep(0.05)
+        assert session.info().statistics.n_hot_pages == target.n_pages
+        hot_from = len(arrivals.deltas)
+        for _ in range(10):  # every chunk is hot: each tick scans all of them, in parts
+            written |= target.stride_write(0, target.n_pages // 32, 32)
+            time.sleep(0.05)
+        epoch, seq = session.flush()
+        deadline = time.monotonic() + 20
+        while not arrivals.deltas or (arrivals.deltas[-1][1].epoch, arrivals.deltas[-1][1].seq) < (epoch, seq):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reported = {p for _, d in arrivals.deltas if not d.resync for p in target.pages(d.regions)}
+        assert reported == written
+        ticks = [d for _, d in arrivals.deltas[hot_from:] if d.seq < seq]
+        shares = [
+            None if d.covered is None else int((d.covered[:, 1] - d.covered[:, 0]).sum()) // 4096 / target.n_pages
+            for d in ticks
+        ]
+        assert len(ticks) >= 10 and all(share is not None and 0.25 <= share <= 0.75 for share in shares), shares
+        session.close()
+    finally:
+        target.kill()

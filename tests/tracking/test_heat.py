@@ -188,6 +188,26 @@ def test_every_tick_tier_then_the_rest_scan_what_one_plan_would() -> None:
     assert stats[0] == stats[1]
 
 
+def test_a_plan_split_in_parts_scans_the_same_chunks_and_each_part_completes() -> None:
+    clock = Clock()
+    scheduler = _scheduler(clock)
+    scheduler.add("a", 3, as_regions([(BASE, BASE + 6 * CHUNK)]), max_staleness_ms=0)
+    scheduler.add("b", 4, as_regions([(BASE, BASE + 3 * CHUNK)]), max_staleness_ms=0)
+    clock.advance(TICK_MS)
+    plan = scheduler.plan()
+    parts = scheduler.split(plan, 4 * 16)  # 4 chunks of 16 pages each
+    assert [part.request_keys.tolist() for part in parts] == [["a"], ["a", "b"], ["b"]]
+    assert np.concatenate([part.chunks for part in parts]).tolist() == plan.chunks.tolist()
+    assert sum(part.requests.n_pages for part in parts) == plan.requests.n_pages
+    # Each part completes on its own: a write its scan found heats its chunk ("a"'s chunk 5, in part 1).
+    for index, part in enumerate(parts):
+        found = [(BASE + 5 * CHUNK, BASE + 5 * CHUNK + 2 * PAGE)] if index == 1 else []
+        scheduler.complete(part, _result(part, {0: found}))
+    stats = scheduler.statistics("a")
+    assert stats is not None and stats.n_hot_pages == 16
+    assert scheduler.split(plan, 1 << 20) == [plan]  # fits in one part
+
+
 def test_a_bound_of_one_tick_or_less_scans_everything_every_tick_in_one_request() -> None:
     clock = Clock()
     scheduler = _scheduler(clock)

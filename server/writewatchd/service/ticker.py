@@ -49,6 +49,8 @@ MAX_TICK_INTERVAL_MS = 3_600_000
 _INLINE_MAX_PAGES = 1 << 16
 # ...and its outcomes are settled there too when they hold fewer regions than this.
 _INLINE_MAX_REGIONS = 4096
+# A longer batch of hot chunks is scanned and published in at most this many parts.
+_MAX_PARTS = 4
 
 
 def tick_interval_ms(requested_ms: int, *, default_ms: int, min_ms: int) -> int:
@@ -275,29 +277,55 @@ class Ticker:
         skip: frozenset[str],
         outcomes: dict[str, Published | BaseException | None],
     ) -> None:
-        """Plan ``tier`` of the tick, scan it, settle and publish what it found (and ``outcomes``)."""
+        """Plan ``tier`` of the tick, scan it, settle and publish what it found (and ``outcomes``).
+
+        A long first tier is scanned in up to :data:`_MAX_PARTS` parts, each published while
+        the next one scans: a hot write waits for the scan of its part, not of the whole tier.
+        """
         # No await between the plan and clearing _scanned: a session discarded meanwhile is not in the plan.
         plan = self.scheduler.plan(late_ns=late_ns, skip=frozenset(self._busy) | skip, tier=tier)
+        failures: dict[str, Published | BaseException | None] = {}
         if len(plan) or self._touched:
             loop = asyncio.get_running_loop()
+            n_pages = plan.requests.n_pages
+            parts = [plan]
+            if tier is Tier.EVERY_TICK and n_pages > _INLINE_MAX_PAGES:
+                parts = self.scheduler.split(plan, max(_INLINE_MAX_PAGES, -(-n_pages // _MAX_PARTS)))
             self._scanned.clear()
             try:
-                if plan.requests.n_pages <= _INLINE_MAX_PAGES:
-                    result = self._scan(plan)
-                else:
-                    result = await loop.run_in_executor(self._executor, self._off_loop, self._scan, plan)
+                pending = (
+                    None
+                    if n_pages <= _INLINE_MAX_PAGES
+                    else loop.run_in_executor(self._executor, self._off_loop, self._scan, parts[0])
+                )
+                for index, part in enumerate(parts):
+                    result = self._scan(part) if pending is None else await pending
+                    if index + 1 < len(parts):
+                        pending = loop.run_in_executor(self._executor, self._off_loop, self._scan, parts[index + 1])
+                    work = self._gather(part, result)
+                    found: dict[str, Published | BaseException | None] = dict(outcomes) if index == 0 else {}
+                    if work:
+                        if len(result.regions) <= _INLINE_MAX_REGIONS:
+                            found.update(self._settle(work))
+                        else:
+                            found.update(await loop.run_in_executor(self._executor, self._off_loop, self._settle, work))
+                    # Deltas now; failures once no scan is in flight (ending a session waits for that).
+                    for key, outcome in found.items():
+                        if isinstance(outcome, BaseException):
+                            failures[key] = outcome
+                        else:
+                            await self._complete(key, outcome)
             finally:
                 self._scanned.set()
-            work = self._gather(plan, result)
-            if work:
-                if len(result.regions) <= _INLINE_MAX_REGIONS:
-                    outcomes.update(self._settle(work))
-                else:
-                    outcomes.update(await loop.run_in_executor(self._executor, self._off_loop, self._settle, work))
-        for key, outcome in outcomes.items():
-            session = self._sessions.get(key)
-            if session is not None and outcome is not None:
-                await session.complete_harvest(outcome)
+        else:
+            failures = outcomes
+        for key, outcome in failures.items():
+            await self._complete(key, outcome)
+
+    async def _complete(self, key: str, outcome: Published | BaseException | None) -> None:
+        session = self._sessions.get(key)
+        if session is not None and outcome is not None:
+            await session.complete_harvest(outcome)
 
     def _check_some(self, outcomes: dict[str, Published | BaseException | None]) -> None:
         """The exec check and auto ranges of a slice of the sessions, so each comes up about once a second.

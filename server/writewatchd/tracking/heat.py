@@ -473,6 +473,19 @@ class HeatScheduler:
                 due &= ~self._every_tick
             return self._plan_of(np.flatnonzero(due), now)
 
+    def split(self, plan: TickPlan, max_pages: int) -> list[TickPlan]:
+        """``plan`` cut at chunk boundaries into plans of about ``max_pages`` pages, in its order
+        (each completes on its own; a plan of another generation stays whole)."""
+        with self._lock:
+            if plan.generation != self._generation or len(plan.chunks) <= 1:
+                return [plan]
+            pages = self._n_pages[plan.chunks]
+            part = ((np.cumsum(pages) - pages) // max(1, max_pages)).astype(np.int64)
+            bounds = np.flatnonzero(np.diff(part)) + 1
+            if len(bounds) == 0:
+                return [plan]
+            return [self._plan_of(chunks, plan.now_ns) for chunks in np.split(plan.chunks, bounds)]
+
     def _pull_early(self, now_ns: int, due: npt.NDArray[np.bool_]) -> None:
         """Add to a tick that scans anyway the cold chunks that come due soonest, within a small budget.
 
