@@ -279,8 +279,10 @@ class Ticker:
     ) -> None:
         """Plan ``tier`` of the tick, scan it, settle and publish what it found (and ``outcomes``).
 
-        A long first tier is scanned in up to :data:`_MAX_PARTS` parts, each published while
-        the next one scans: a hot write waits for the scan of its part, not of the whole tier.
+        A long first tier of hot chunks is scanned in up to :data:`_MAX_PARTS` parts, each
+        published while the next one scans: a hot write waits for the scan of its part, not of
+        the whole tier. (Not when every chunk is scanned every tick, ``max_staleness_ms`` 0:
+        that tier is all the memory, not the hot part of it.)
         """
         # No await between the plan and clearing _scanned: a session discarded meanwhile is not in the plan.
         plan = self.scheduler.plan(late_ns=late_ns, skip=frozenset(self._busy) | skip, tier=tier)
@@ -289,7 +291,7 @@ class Ticker:
             loop = asyncio.get_running_loop()
             n_pages = plan.requests.n_pages
             parts = [plan]
-            if tier is Tier.EVERY_TICK and n_pages > _INLINE_MAX_PAGES:
+            if tier is Tier.EVERY_TICK and n_pages > _INLINE_MAX_PAGES and not self.scheduler.every_tick_only:
                 parts = self.scheduler.split(plan, max(_INLINE_MAX_PAGES, -(-n_pages // _MAX_PARTS)))
             self._scanned.clear()
             try:
