@@ -37,6 +37,14 @@ class Arrivals:
                 return arrived
         return None
 
+    def reported_through(self, target: CoopTarget, barrier: tuple[int, int]) -> set[int]:
+        """The pages reported (RESYNCs aside) once the delta at ``barrier`` (epoch, seq) has arrived."""
+        deadline = time.monotonic() + 20
+        while not self.deltas or (self.deltas[-1][1].epoch, self.deltas[-1][1].seq) < barrier:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        return {p for _, d in self.deltas if not d.resync for p in target.pages(d.regions)}
+
 
 def test_the_bound_is_a_session_setting_shown_by_info(client: writewatch.Client, target: CoopTarget) -> None:
     session = client.attach(
@@ -97,13 +105,7 @@ def test_hot_cooling_and_cold_writes_arrive_exactly_and_within_the_bound(
         arrived = arrivals.first_arrival(target, page, written_at)
         assert arrived is not None, f"cold page {page} did not arrive within {bound_ms} ms + {slack_s} s"
         assert arrived - written_at <= bound_ms / 1000 + slack_s
-    epoch, seq = session.flush()
-    deadline = time.monotonic() + 20
-    while not arrivals.deltas or (arrivals.deltas[-1][1].epoch, arrivals.deltas[-1][1].seq) < (epoch, seq):
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    reported = {p for _, d in arrivals.deltas if not d.resync for p in target.pages(d.regions)}
-    assert reported == written
+    assert arrivals.reported_through(target, session.flush()) == written
     partial = [d for _, d in arrivals.deltas if d.covered is not None]
     assert partial, "no heat-scheduled tick scanned only part of the target"
     for delta in partial:
@@ -148,12 +150,7 @@ def test_a_long_hot_tier_is_published_in_parts_exactly(client: writewatch.Client
             written |= target.stride_write(0, target.n_pages // 32, 32)
             time.sleep(0.05)
         epoch, seq = session.flush()
-        deadline = time.monotonic() + 20
-        while not arrivals.deltas or (arrivals.deltas[-1][1].epoch, arrivals.deltas[-1][1].seq) < (epoch, seq):
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        reported = {p for _, d in arrivals.deltas if not d.resync for p in target.pages(d.regions)}
-        assert reported == written
+        assert arrivals.reported_through(target, (epoch, seq)) == written
         ticks = [d for _, d in arrivals.deltas[hot_from:] if d.seq < seq]
         shares = [
             None if d.covered is None else int((d.covered[:, 1] - d.covered[:, 0]).sum()) // 4096 / target.n_pages
