@@ -294,12 +294,10 @@ class Ticker:
             if tier is Tier.EVERY_TICK and n_pages > _INLINE_MAX_PAGES and not self.scheduler.every_tick_only:
                 parts = self.scheduler.split(plan, max(_INLINE_MAX_PAGES, -(-n_pages // _MAX_PARTS)))
             self._scanned.clear()
+            pending: asyncio.Future[BatchResult] | None = None
             try:
-                pending = (
-                    None
-                    if n_pages <= _INLINE_MAX_PAGES
-                    else loop.run_in_executor(self._executor, self._off_loop, self._scan, parts[0])
-                )
+                if n_pages > _INLINE_MAX_PAGES:
+                    pending = loop.run_in_executor(self._executor, self._off_loop, self._scan, parts[0])
                 for index, part in enumerate(parts):
                     result = self._scan(part) if pending is None else await pending
                     if index + 1 < len(parts):
@@ -318,6 +316,9 @@ class Ticker:
                         else:
                             await self._complete(key, outcome)
             finally:
+                if pending is not None:
+                    # A failure between parts must not end a session while its next part still scans.
+                    await asyncio.gather(pending, return_exceptions=True)
                 self._scanned.set()
         else:
             failures = outcomes
